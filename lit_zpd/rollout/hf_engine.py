@@ -1,0 +1,78 @@
+"""Rollouts with Hugging Face ``generate`` on the live model: no copy, so no weight sync."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import GenerationConfig, PreTrainedModel
+
+from lit_zpd.rollout.engine import Completion, RolloutEngine, SamplingConfig
+
+
+class HFEngine(RolloutEngine):
+    """Samples with ``model.generate`` on left-padded prompt batches.
+
+    Args:
+        model: The causal LM whose current weights are sampled (the live student or the teacher).
+        pad_token_id: Padding id of the tokenizer.
+        eos_token_id: End-of-sequence id; a completion stops after it.
+        batch_size: Sequences (prompts x samples) per ``generate`` call, to bound memory.
+    """
+
+    def __init__(self, model: PreTrainedModel, pad_token_id: int, eos_token_id: int, batch_size: int = 256):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.pad_token_id = pad_token_id
+        self.eos_token_id = eos_token_id
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingConfig) -> list[list[Completion]]:
+        prompts_per_call = max(1, self.batch_size // n)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out: list[list[Completion]] = []
+            for i in range(0, len(prompts), prompts_per_call):
+                out.extend(self._generate_batch(prompts[i : i + prompts_per_call], n, sampling))
+            return out
+        finally:
+            self.model.train(was_training)
+
+    def _generate_batch(self, prompts: list[list[int]], n: int, sampling: SamplingConfig) -> list[list[Completion]]:
+        device = next(self.model.parameters()).device
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, p in enumerate(prompts):
+            input_ids[row, width - len(p) :] = torch.tensor(p)
+            attention_mask[row, width - len(p) :] = 1
+        config = GenerationConfig(
+            do_sample=not sampling.greedy,
+            temperature=sampling.temperature if not sampling.greedy else None,
+            top_p=sampling.top_p if not sampling.greedy else None,
+            top_k=0,
+            max_new_tokens=sampling.max_new_tokens,
+            num_return_sequences=n,
+            pad_token_id=self.pad_token_id,
+            eos_token_id=self.eos_token_id,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        result = self.model.generate(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
+        )
+        tokens = result.sequences[:, width:]  # (B * n, L)
+        temperature = sampling.temperature if not sampling.greedy else 1.0
+        logits = torch.stack(result.logits, dim=1).float() / temperature  # (B * n, L, V)
+        logprobs = F.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        completions = [self._trim(tokens[r].tolist(), logprobs[r].tolist()) for r in range(tokens.shape[0])]
+        return [completions[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+    def _trim(self, token_ids: list[int], logprobs: list[float]) -> Completion:
+        """Cut after the first end-of-sequence token (generate pads finished rows)."""
+        if self.eos_token_id in token_ids:
+            end = token_ids.index(self.eos_token_id) + 1
+            token_ids, logprobs = token_ids[:end], logprobs[:end]
+        return Completion(token_ids=token_ids, logprobs=logprobs)

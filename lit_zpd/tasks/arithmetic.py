@@ -1,0 +1,262 @@
+"""The embedded default task: a seeded arithmetic curriculum with worked column solutions.
+
+Five skills joined by a prerequisite graph, each with graded difficulty levels::
+
+    add_1digit ─┬─> add_carry ──> mul_1digit ─┐
+                └─> sub ──────────────────────┴─> multi_step
+
+Every reference solution works digit by digit, one line per column, so a small model can learn
+the algorithm instead of memorising results; it ends in ``\\boxed{answer}``. A problem's split is
+decided by a hash of its expression and the seed, so train, validation and test never share a
+problem whatever sizes are asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import random
+from collections.abc import Callable, Iterator
+
+from lit_zpd.tasks.problem import Problem, ProblemSource, Split
+
+SKILL_GRAPH: dict[str, list[str]] = {
+    "add_1digit": [],
+    "add_carry": ["add_1digit"],
+    "sub": ["add_1digit"],
+    "mul_1digit": ["add_carry"],
+    "multi_step": ["mul_1digit", "sub"],
+}
+
+
+def _digits(n: int, width: int) -> list[int]:
+    """Least significant first, zero-padded to ``width``."""
+    return [(n // 10**i) % 10 for i in range(width)]
+
+
+def solve_add(a: int, b: int) -> str:
+    width = max(len(str(a)), len(str(b)))
+    lines, carry, out = [], 0, []
+    for x, y in zip(_digits(a, width), _digits(b, width)):
+        s = x + y + carry
+        lines.append(f"{x}+{y}+{carry}={s}")
+        out.append(s % 10)
+        carry = s // 10
+    answer = a + b
+    return "\n".join(lines) + f"\n\\boxed{{{answer}}}"
+
+
+def solve_sub(a: int, b: int) -> str:
+    width = len(str(a))
+    lines, borrow = [], 0
+    for x, y in zip(_digits(a, width), _digits(b, width)):
+        top = x if x - y - borrow >= 0 else x + 10
+        lines.append(f"{top}-{y}-{borrow}={top - y - borrow}")
+        borrow = int(top != x)
+    return "\n".join(lines) + f"\n\\boxed{{{a - b}}}"
+
+
+def solve_mul(a: int, b: int) -> str:
+    lines, carry = [], 0
+    for x in _digits(a, len(str(a))):
+        s = x * b + carry
+        lines.append(f"{x}*{b}+{carry}={s}")
+        carry = s // 10
+    return "\n".join(lines) + f"\n\\boxed{{{a * b}}}"
+
+
+def solve_multi_step(expr: str) -> str:
+    """Expressions of three single digits; the inner operation is written first."""
+    if expr.startswith("("):
+        a, b, c = int(expr[1]), int(expr[3]), int(expr[6])
+        s = a + b
+        return f"{a}+{b}={s}\n{s}*{c}={s * c}\n\\boxed{{{s * c}}}"
+    a, op1, b, op2, c = int(expr[0]), expr[1], int(expr[2]), expr[3], int(expr[4])
+    if op2 == "*":  # a+b*c
+        m = b * c
+        return f"{b}*{c}={m}\n{a}+{m}={a + m}\n\\boxed{{{a + m}}}"
+    m = a * b
+    result = m + c if op2 == "+" else m - c
+    return f"{a}*{b}={m}\n{m}{op2}{c}={result}\n\\boxed{{{result}}}"
+
+
+def _multi_step_answer(expr: str) -> int:
+    # The expressions are produced by this module from single digits and + - * ( ) only.
+    return int(eval(expr, {"__builtins__": {}}))  # noqa: S307
+
+
+def _rand(rng: random.Random, digits: int) -> int:
+    return rng.randint(10 ** (digits - 1) if digits > 1 else 0, 10**digits - 1)
+
+
+def _level_generators() -> dict[tuple[str, int], Callable[[random.Random], str]]:
+    """One expression sampler per (skill, difficulty)."""
+
+    def add(da: int, db: int) -> Callable[[random.Random], str]:
+        return lambda r: f"{_rand(r, da)}+{_rand(r, db)}"
+
+    def sub(da: int, db: int) -> Callable[[random.Random], str]:
+        def make(r: random.Random) -> str:
+            a, b = _rand(r, da), _rand(r, db)
+            return f"{max(a, b)}-{min(a, b)}"
+
+        return make
+
+    def mul(da: int) -> Callable[[random.Random], str]:
+        return lambda r: f"{_rand(r, da)}*{r.randint(2, 9)}"
+
+    def single_digit_sum(r: random.Random) -> str:
+        a = r.randint(0, 9)
+        return f"{a}+{r.randint(0, 9 - a)}"
+
+    def single_digit_carry(r: random.Random) -> str:
+        a = r.randint(1, 9)
+        return f"{a}+{r.randint(10 - a, 9)}"
+
+    def two_ops(r: random.Random) -> str:
+        a, b, c = (r.randint(1, 9) for _ in range(3))
+        return r.choice([f"{a}+{b}*{c}", f"{a}*{b}+{c}"])
+
+    def grouped_or_minus(r: random.Random) -> str:
+        a, b, c = (r.randint(1, 9) for _ in range(3))
+        if r.random() < 0.5 and a + b <= 9:
+            return f"({a}+{b})*{c}"
+        return f"{a}*{b}-{min(c, a * b)}"
+
+    return {
+        ("add_1digit", 1): single_digit_sum,
+        ("add_1digit", 2): single_digit_carry,
+        ("add_carry", 1): add(2, 2),
+        ("add_carry", 2): add(3, 2),
+        ("add_carry", 3): add(3, 3),
+        ("sub", 1): sub(2, 1),
+        ("sub", 2): sub(2, 2),
+        ("sub", 3): sub(3, 2),
+        ("mul_1digit", 1): mul(2),
+        ("mul_1digit", 2): mul(3),
+        ("multi_step", 1): two_ops,
+        ("multi_step", 2): grouped_or_minus,
+    }
+
+
+def solve(skill: str, expr: str) -> tuple[str, str]:
+    """(reference solution, answer) of one expression."""
+    if skill == "multi_step":
+        return solve_multi_step(expr), str(_multi_step_answer(expr))
+    for op, solver in (("+", solve_add), ("-", solve_sub), ("*", solve_mul)):
+        if op in expr:
+            a, b = (int(x) for x in expr.split(op))
+            reference = solver(a, b)
+            return reference, reference.rsplit("{", 1)[1].rstrip("}")
+    raise ValueError(f"not an expression of skill {skill!r}: {expr!r}")
+
+
+class ArithmeticCurriculum(ProblemSource):
+    """Seeded synthetic arithmetic with a prerequisite graph, graded difficulty and column solutions.
+
+    Args:
+        seed: Decides which expressions are drawn and which split each one lands in.
+        problems_per_level: Distinct expressions drawn per (skill, difficulty) before splitting;
+            small levels (single-digit addition) hold fewer.
+        validation_fraction: Share of expressions hashed into the validation split.
+        test_fraction: Share of expressions hashed into the test split.
+        max_eval_per_skill: Cap on validation and test problems per skill, to keep evaluation
+            fast; ``None`` keeps all.
+        prompt_template: Format of the prompt; ``{expression}`` is replaced.
+
+    Example::
+
+        source = ArithmeticCurriculum(seed=0)
+        problem = source.problems("train")[0]
+        problem.prompt, problem.reference, problem.answer
+    """
+
+    def __init__(
+        self,
+        seed: int = 0,
+        problems_per_level: int = 2000,
+        validation_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        max_eval_per_skill: int | None = 40,
+        prompt_template: str = "{expression}=?\n",
+    ) -> None:
+        if problems_per_level < 1:
+            raise ValueError(f"problems_per_level must be >= 1, got {problems_per_level}")
+        if not (validation_fraction > 0 and test_fraction > 0 and validation_fraction + test_fraction < 1):
+            raise ValueError(
+                "validation_fraction and test_fraction must be > 0 and sum to < 1, got "
+                f"{validation_fraction} and {test_fraction}"
+            )
+        if "{expression}" not in prompt_template:
+            raise ValueError("prompt_template must contain '{expression}'")
+        self.seed = seed
+        self.problems_per_level = problems_per_level
+        self.validation_fraction = validation_fraction
+        self.test_fraction = test_fraction
+        self.max_eval_per_skill = max_eval_per_skill
+        self.prompt_template = prompt_template
+        self._cache: dict[Split, list[Problem]] | None = None
+
+    def skill_graph(self) -> dict[str, list[str]]:
+        return {skill: list(prereqs) for skill, prereqs in SKILL_GRAPH.items()}
+
+    def split_of(self, expression: str) -> Split:
+        digest = hashlib.sha256(f"{self.seed}:{expression}".encode()).digest()
+        u = int.from_bytes(digest[:8], "big") / 2**64
+        if u < self.validation_fraction:
+            return "validation"
+        if u < self.validation_fraction + self.test_fraction:
+            return "test"
+        return "train"
+
+    def problems(self, split: Split) -> list[Problem]:
+        if self._cache is None:
+            self._cache = self._build()
+        return list(self._cache[split])
+
+    def _expressions(self, skill: str, level: int, make: Callable[[random.Random], str]) -> Iterator[str]:
+        rng = random.Random(f"{self.seed}:{skill}:{level}")
+        seen: set[str] = set()
+        misses = 0
+        # Small levels run out of distinct expressions: stop after many consecutive repeats.
+        while len(seen) < self.problems_per_level and misses < 2000:
+            expr = make(rng)
+            if expr in seen:
+                misses += 1
+                continue
+            misses = 0
+            seen.add(expr)
+            yield expr
+
+    def _build(self) -> dict[Split, list[Problem]]:
+        splits: dict[Split, list[Problem]] = {"train": [], "validation": [], "test": []}
+        for (skill, level), make in _level_generators().items():
+            for expr in self._expressions(skill, level, make):
+                reference, answer = solve(skill, expr)
+                split = self.split_of(expr)
+                splits[split].append(
+                    Problem(
+                        problem_id=f"{skill}/{expr}",
+                        prompt=self.prompt_template.format(expression=expr),
+                        answer=answer,
+                        reference=reference,
+                        skill=skill,
+                        difficulty=level,
+                    )
+                )
+        if self.max_eval_per_skill is not None:
+            for split in ("validation", "test"):
+                splits[split] = _cap_per_skill(splits[split], self.max_eval_per_skill)
+        return splits
+
+
+def _cap_per_skill(problems: list[Problem], cap: int) -> list[Problem]:
+    """Keep up to ``cap`` problems per skill, taken round-robin over its difficulty levels."""
+    by_level: dict[str, dict[int, list[Problem]]] = {}
+    for p in problems:
+        by_level.setdefault(p.skill, {}).setdefault(p.difficulty, []).append(p)
+    kept: list[Problem] = []
+    for levels in by_level.values():
+        rows = itertools.zip_longest(*(levels[d] for d in sorted(levels)))
+        kept.extend([p for row in rows for p in row if p is not None][:cap])
+    return kept

@@ -1,0 +1,48 @@
+"""The unit every source produces and every method consumes."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Literal
+
+Split = Literal["train", "validation", "test"]
+SPLITS: tuple[Split, ...] = ("train", "validation", "test")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A prompt with a verifiable answer.
+
+    Args:
+        problem_id: Unique within its source; stable across runs (used by replay buffers and
+            per-problem pass-rate estimates).
+        prompt: Text the student is conditioned on.
+        answer: The final answer, normalised as the verifier compares it.
+        reference: Optional worked solution ending in ``\\boxed{answer}``.
+        skill: Skill tag (knowledge point); ``"default"`` when the data set has none.
+        difficulty: Graded difficulty level within the skill, starting at 1.
+    """
+
+    problem_id: str
+    prompt: str
+    answer: str
+    reference: str | None = None
+    skill: str = "default"
+    difficulty: int = 1
+
+
+class ProblemSource(ABC):
+    """Where problems come from. Subclasses are selected in YAML with ``class_path``."""
+
+    @abstractmethod
+    def problems(self, split: Split) -> list[Problem]:
+        """All problems of one split, in a deterministic order."""
+
+    def skill_graph(self) -> dict[str, list[str]]:
+        """Prerequisites of every skill, ``{skill: [prerequisite, ...]}``; a DAG."""
+        skills = sorted({p.skill for p in self.problems("train")})
+        return {s: [] for s in skills}
+
+    def skills(self) -> list[str]:
+        return list(self.skill_graph())
