@@ -27,14 +27,20 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 }
 
 
-def main(args: list[str] | None = None) -> LightningCLI:
-    """Entry point of the ``lit-zpd`` console script; ``args`` replaces ``sys.argv`` (tests)."""
+def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
+    """Entry point of the ``lit-zpd`` console script.
+
+    Args:
+        args: Replaces ``sys.argv[1:]``.
+        run: With ``False``, parse and instantiate only (no subcommand in ``args`` then).
+    """
     return LightningCLI(
         DistillModule,
         RolloutDataModule,
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_kwargs={"overwrite": True},
         args=args,
+        run=run,
     )
 
 

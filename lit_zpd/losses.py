@@ -193,12 +193,15 @@ def group_advantages(
     """
     rewards = rewards.float()
     _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
-    sums = torch.zeros(len(counts), dtype=rewards.dtype).index_add_(0, inverse, rewards)
+    sums = rewards.new_zeros(len(counts)).index_add_(0, inverse, rewards)
     mean = (sums / counts)[inverse]
-    centred = rewards - mean
+    # sum / count rounds (7 x 0.1 has a mean != 0.1 in float32); compare extremes for exact zeros.
+    high = rewards.new_full((len(counts),), -math.inf).scatter_reduce(0, inverse, rewards, "amax")
+    low = rewards.new_full((len(counts),), math.inf).scatter_reduce(0, inverse, rewards, "amin")
+    centred = torch.where((high == low)[inverse], 0.0, rewards - mean)
     if not scale_by_std:
         return centred
-    var = torch.zeros(len(counts), dtype=rewards.dtype).index_add_(0, inverse, centred**2) / counts
+    var = rewards.new_zeros(len(counts)).index_add_(0, inverse, centred**2) / counts
     return centred / (var.sqrt()[inverse] + eps)
 
 

@@ -114,6 +114,10 @@ class LoraSettings:
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
+# Hyperparameters saved in checkpoints hold these; let ``torch.load(weights_only=True)`` read them.
+torch.serialization.add_safe_globals([LossConfig, LoraSettings])
+
+
 class DistillModule(LightningModule):
     """Student, optional frozen teacher, and the configured loss terms.
 
@@ -216,7 +220,7 @@ class DistillModule(LightningModule):
                 "set data.data_source: student and data.lmbda: null"
             )
         for skill in [*datamodule.skills, "all"]:
-            for kind in ("greedy", "mean_at_k"):
+            for kind in ("greedy", "mean_at_k", "partial_fraction"):
                 self.eval_metrics[f"{kind}/{skill}"] = MeanMetric()
 
     @override
@@ -227,17 +231,17 @@ class DistillModule(LightningModule):
 
     @override
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        terms = self.loss_terms(batch)
+        terms, diagnostics = self.loss_terms(batch)
         loss = sum(self.loss_config.active[name] * value for name, value in terms.items())
         size = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
-        for name, value in terms.items():
+        for name, value in (terms | diagnostics).items():
             self.log(f"train/{name}", value, batch_size=size)
         self._log_rollout(batch)
         return loss
 
-    def loss_terms(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        """Every active loss term as a scalar (before its coefficient)."""
+    def loss_terms(self, batch: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Every active loss term as a scalar (before its coefficient), and diagnostics to log."""
         cfg = self.loss_config
         mask = batch["response_mask"][:, 1:].bool()  # (B, T-1): positions that predict a response token
         targets = batch["input_ids"][:, 1:][mask]  # (N,)
@@ -250,6 +254,7 @@ class DistillModule(LightningModule):
             return aggregate(per_token, mask, batch["weights"], cfg.aggregation)
 
         terms: dict[str, Tensor] = {}
+        diagnostics: dict[str, Tensor] = {}
         if cfg.sft:
             terms["sft"] = reduce(-chunked_token_logprobs(hidden, head, targets, 1.0, cfg.chunk_size))
         if cfg.active.keys() & set(TEACHER_TERMS):
@@ -271,8 +276,8 @@ class DistillModule(LightningModule):
                     teacher_lp = chunked_token_logprobs(t_hidden, t_head, targets, 1.0, cfg.chunk_size)
                 advantages = sampled_token_kl_advantage(student_lp, teacher_lp)
                 terms["on_policy_distill"] = reduce(clipped_policy_loss(logp, old, advantages, **clip))
-                self.log("train/sampled_reverse_kl", -advantages.mean(), batch_size=mask.shape[0])
-        return terms
+                diagnostics["sampled_reverse_kl"] = -advantages.mean()
+        return terms, diagnostics
 
     def _teacher_hidden(self, batch: dict[str, Any], n_tokens: int) -> tuple[Tensor, Any]:
         assert self.teacher is not None
@@ -321,7 +326,9 @@ class DistillModule(LightningModule):
             for key in (skill, "all"):
                 self.eval_metrics[f"greedy/{key}"].update(batch["greedy_correct"][i])
                 if "sample_pass_rate" in batch:
-                    self.eval_metrics[f"mean_at_k/{key}"].update(batch["sample_pass_rate"][i])
+                    pass_rate = batch["sample_pass_rate"][i]
+                    self.eval_metrics[f"mean_at_k/{key}"].update(pass_rate)
+                    self.eval_metrics[f"partial_fraction/{key}"].update(float(0 < pass_rate < 1))
 
     @override
     def on_validation_epoch_end(self) -> None:
@@ -361,7 +368,7 @@ def _load_student(path: str, init_from_config: bool, seed: int) -> PreTrainedMod
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).train()
 
 
 def _load_teacher(path: str, student_tokenizer: Any) -> PreTrainedModel:

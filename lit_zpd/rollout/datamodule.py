@@ -189,7 +189,9 @@ class RolloutDataModule(LightningDataModule):
         """The engine sampling ``model`` (one per model, built on first use)."""
         if id(model) not in self._engines:
             tok = self._module.tokenizer
-            self._engines[id(model)] = HFEngine(model, tok.pad_token_id, tok.eos_token_id, self.generation_batch_size)
+            self._engines[id(model)] = HFEngine(
+                model, tok.pad_token_id, tok.eos_token_id, len(tok), self.generation_batch_size
+            )
         return self._engines[id(model)]
 
     # ----------------------------------------------------------------------------- one step

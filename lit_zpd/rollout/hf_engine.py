@@ -16,15 +16,20 @@ class HFEngine(RolloutEngine):
         model: The causal LM whose current weights are sampled (the live student or the teacher).
         pad_token_id: Padding id of the tokenizer.
         eos_token_id: End-of-sequence id; a completion stops after it.
+        vocab_size: Tokens the tokenizer knows; ids past it (padding rows of the output head) are
+            never sampled and the log-probabilities are normalised over the first ``vocab_size``.
         batch_size: Sequences (prompts x samples) per ``generate`` call, to bound memory.
     """
 
-    def __init__(self, model: PreTrainedModel, pad_token_id: int, eos_token_id: int, batch_size: int = 256):
+    def __init__(
+        self, model: PreTrainedModel, pad_token_id: int, eos_token_id: int, vocab_size: int, batch_size: int = 256
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
         self.pad_token_id = pad_token_id
         self.eos_token_id = eos_token_id
+        self.vocab_size = vocab_size
         self.batch_size = batch_size
 
     @torch.no_grad()
@@ -57,6 +62,7 @@ class HFEngine(RolloutEngine):
             num_return_sequences=n,
             pad_token_id=self.pad_token_id,
             eos_token_id=self.eos_token_id,
+            suppress_tokens=list(range(self.vocab_size, self.model.get_output_embeddings().out_features)) or None,
             output_logits=True,
             return_dict_in_generate=True,
         )
@@ -65,7 +71,7 @@ class HFEngine(RolloutEngine):
         )
         tokens = result.sequences[:, width:]  # (B * n, L)
         temperature = sampling.temperature if not sampling.greedy else 1.0
-        logits = torch.stack(result.logits, dim=1).float() / temperature  # (B * n, L, V)
+        logits = torch.stack(result.logits, dim=1)[..., : self.vocab_size].float() / temperature  # (B * n, L, V)
         logprobs = F.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         completions = [self._trim(tokens[r].tolist(), logprobs[r].tolist()) for r in range(tokens.shape[0])]
         return [completions[i * n : (i + 1) * n] for i in range(len(prompts))]

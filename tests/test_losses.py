@@ -1,0 +1,388 @@
+"""Loss functions against independent computations written with plain torch ops or by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from lit_zpd.losses import (
+    aggregate,
+    chunked_token_divergence,
+    chunked_token_logprobs,
+    clipped_policy_loss,
+    forward_kl,
+    generalized_jsd,
+    group_advantages,
+    reverse_kl,
+    sampled_token_kl_advantage,
+    token_logprobs,
+)
+
+torch.set_num_threads(1)
+
+
+def _probs(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    return torch.softmax(logits.double() / temperature, dim=-1)
+
+
+def _explicit_kl(p: Tensor, q: Tensor) -> Tensor:
+    """``sum_v p * log(p / q)`` in probability space."""
+    return (p * torch.log(p / q)).sum(-1)
+
+
+def _explicit_jsd(s_logits: Tensor, t_logits: Tensor, beta: float, temperature: float = 1.0) -> Tensor:
+    p_s, p_t = _probs(s_logits, temperature), _probs(t_logits, temperature)
+    m = beta * p_t + (1 - beta) * p_s
+    return beta * _explicit_kl(p_t, m) + (1 - beta) * _explicit_kl(p_s, m)
+
+
+def _close(actual: Tensor, expected: Tensor, atol: float = 1e-6, rtol: float = 1e-5) -> None:
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol)
+
+
+@pytest.fixture
+def logits_pair() -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(3, 4, generator=g) * 2, torch.randn(3, 4, generator=g) * 2
+
+
+# --------------------------------------------------------------------------------- divergences
+
+# Two tokens, p_T = (1/2, 1/2), p_S = (1/4, 3/4); logits are log-probabilities.
+# KL(T||S) = 1/2 ln 2 + 1/2 ln(2/3) = 1/2 ln(4/3)                                 = 0.1438410362
+# KL(S||T) = 1/4 ln(1/2) + 3/4 ln(3/2) = -0.1732867951 + 0.3040988311            = 0.1308120359
+# beta 1/2: M = (3/8, 5/8); KL(T||M) = 1/2 ln(4/3) + 1/2 ln(4/5)                 = 0.0322692606
+#                          KL(S||M) = 1/4 ln(2/3) + 3/4 ln(6/5)                  = 0.0353748906
+#           JSD = (0.0322692606 + 0.0353748906) / 2                             = 0.0338220756
+_HAND_T = torch.log(torch.tensor([[0.5, 0.5]]))
+_HAND_S = torch.log(torch.tensor([[0.25, 0.75]]))
+
+
+def test_hand_computed_values() -> None:
+    _close(forward_kl(_HAND_S, _HAND_T), torch.tensor([0.1438410362]))
+    _close(reverse_kl(_HAND_S, _HAND_T), torch.tensor([0.1308120359]))
+    _close(generalized_jsd(_HAND_S, _HAND_T, beta=0.5), torch.tensor([0.0338220756]))
+
+
+def test_kl_directions_match_explicit_formula(logits_pair: tuple[Tensor, Tensor]) -> None:
+    s, t = logits_pair
+    _close(forward_kl(s, t), _explicit_kl(_probs(t), _probs(s)))
+    _close(reverse_kl(s, t), _explicit_kl(_probs(s), _probs(t)))
+    assert not torch.allclose(forward_kl(s, t), reverse_kl(s, t))
+
+
+def test_jsd_endpoints_are_the_two_kls(logits_pair: tuple[Tensor, Tensor]) -> None:
+    s, t = logits_pair
+    _close(generalized_jsd(s, t, beta=0.0), _explicit_kl(_probs(t), _probs(s)))
+    _close(generalized_jsd(s, t, beta=1.0), _explicit_kl(_probs(s), _probs(t)))
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+def test_jsd_interior_matches_probability_space_mixture(logits_pair: tuple[Tensor, Tensor], beta: float) -> None:
+    s, t = logits_pair
+    _close(generalized_jsd(s, t, beta=beta), _explicit_jsd(s, t, beta))
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 0.5, 1.0])
+def test_jsd_swap_symmetry(logits_pair: tuple[Tensor, Tensor], beta: float) -> None:
+    s, t = logits_pair
+    _close(generalized_jsd(s, t, beta=beta), generalized_jsd(t, s, beta=1 - beta))
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_identical_logits_give_zero_and_random_inputs_are_nonnegative(beta: float) -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 7, generator=g)
+    _close(generalized_jsd(x, x.clone(), beta=beta), torch.zeros(5))
+    s, t = torch.randn(50, 7, generator=g) * 3, torch.randn(50, 7, generator=g) * 3
+    d = generalized_jsd(s, t, beta=beta)
+    assert d.shape == (50,)
+    assert (d >= -1e-6).all()
+    assert (d > 1e-4).all()
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_temperature_divides_logits(logits_pair: tuple[Tensor, Tensor], beta: float) -> None:
+    s, t = logits_pair
+    tau = 0.7
+    got = generalized_jsd(s, t, beta=beta, temperature=tau)
+    _close(got, generalized_jsd(s / tau, t / tau, beta=beta))
+    p_s, p_t = _probs(s, tau), _probs(t, tau)
+    explicit = {0.0: _explicit_kl(p_t, p_s), 1.0: _explicit_kl(p_s, p_t)}.get(beta)
+    _close(got, _explicit_jsd(s, t, beta, tau) if explicit is None else explicit)
+    assert not torch.allclose(got, generalized_jsd(s, t, beta=beta))
+    _close(forward_kl(s, t, temperature=tau), _explicit_kl(_probs(t, tau), _probs(s, tau)))
+
+
+def test_float32_from_low_precision_logits(logits_pair: tuple[Tensor, Tensor]) -> None:
+    s, t = logits_pair
+    out = generalized_jsd(s.bfloat16(), t.bfloat16())
+    assert out.dtype == torch.float32
+    _close(out, _explicit_jsd(s.bfloat16().float(), t.bfloat16().float(), 0.5))
+
+
+@pytest.mark.parametrize("beta", [-0.1, 1.1])
+def test_beta_out_of_range_raises(logits_pair: tuple[Tensor, Tensor], beta: float) -> None:
+    s, t = logits_pair
+    with pytest.raises(ValueError, match="beta"):
+        generalized_jsd(s, t, beta=beta)
+
+
+# ------------------------------------------------------------------------------------ chunking
+
+_N, _H, _V = 7, 8, 11
+
+
+def _heads() -> tuple[nn.Linear, nn.Linear]:
+    torch.manual_seed(2)
+    return nn.Linear(_H, _V), nn.Linear(_H + 2, _V)
+
+
+def _grads(out: Tensor, inputs: list[Tensor], upstream: Tensor) -> list[Tensor]:
+    return list(torch.autograd.grad((out * upstream).sum(), inputs))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, _N, _N + 5])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_chunked_divergence_equals_full(chunk_size: int, beta: float) -> None:
+    s_head, t_head = _heads()
+    g = torch.Generator().manual_seed(3)
+    s_hidden = torch.randn(_N, _H, generator=g, requires_grad=True)
+    t_hidden = torch.randn(_N, _H + 2, generator=g)
+    upstream = torch.rand(_N, generator=g)
+    inputs = [s_hidden, s_head.weight, s_head.bias]
+
+    full = generalized_jsd(s_head(s_hidden), t_head(t_hidden), beta, temperature=0.9)
+    want = _grads(full, inputs, upstream)
+    chunked = chunked_token_divergence(s_hidden, s_head, t_hidden, t_head, beta, 0.9, chunk_size)
+    got = _grads(chunked, inputs, upstream)
+
+    _close(chunked, full)
+    for a, b in zip(got, want, strict=True):
+        assert a.abs().sum() > 0
+        _close(a, b)
+
+
+def test_chunked_divergence_gives_teacher_no_gradient() -> None:
+    s_head, t_head = _heads()
+    out = chunked_token_divergence(torch.randn(_N, _H), s_head, torch.randn(_N, _H + 2), t_head, chunk_size=3)
+    out.sum().backward()
+    assert t_head.weight.grad is None
+    assert s_head.weight.grad is not None
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, _N, _N + 5])
+def test_chunked_logprobs_equal_full(chunk_size: int) -> None:
+    head, _ = _heads()
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(_N, _H, generator=g, requires_grad=True)
+    targets = torch.randint(0, _V, (_N,), generator=g)
+    upstream = torch.rand(_N, generator=g)
+    inputs = [hidden, head.weight, head.bias]
+
+    full = token_logprobs(head(hidden), targets, temperature=1.3)
+    manual = torch.log_softmax(head(hidden).double() / 1.3, -1)[torch.arange(_N), targets]
+    _close(full, manual)
+    want = _grads(full, inputs, upstream)
+    chunked = chunked_token_logprobs(hidden, head, targets, temperature=1.3, chunk_size=chunk_size)
+    got = _grads(chunked, inputs, upstream)
+
+    _close(chunked, full)
+    for a, b in zip(got, want, strict=True):
+        assert a.abs().sum() > 0
+        _close(a, b)
+
+
+def test_chunk_size_zero_raises() -> None:
+    s_head, t_head = _heads()
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunked_token_divergence(torch.randn(_N, _H), s_head, torch.randn(_N, _H + 2), t_head, chunk_size=0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunked_token_logprobs(torch.randn(_N, _H), s_head, torch.zeros(_N, dtype=torch.long), chunk_size=0)
+
+
+def test_empty_input_returns_empty() -> None:
+    s_head, t_head = _heads()
+    div = chunked_token_divergence(torch.randn(0, _H), s_head, torch.randn(0, _H + 2), t_head, chunk_size=3)
+    lp = chunked_token_logprobs(torch.randn(0, _H), s_head, torch.zeros(0, dtype=torch.long), chunk_size=3)
+    assert div.shape == (0,) and lp.shape == (0,)
+
+
+# ---------------------------------------------------------------------------------- aggregation
+
+_PER_TOKEN = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+_MASK = torch.tensor([[1, 1, 0], [1, 0, 0]])
+_WEIGHTS = torch.tensor([2.0, 0.5])
+
+
+def test_aggregate_sample_mode_by_hand() -> None:
+    # sample 0: 2 * mean(1, 2) = 3; sample 1: 0.5 * mean(4) = 2; mean over samples = 2.5
+    _close(aggregate(_PER_TOKEN, _MASK, _WEIGHTS, "sample"), torch.tensor(2.5))
+    # unweighted: (1.5 + 4) / 2
+    _close(aggregate(_PER_TOKEN, _MASK, None, "sample"), torch.tensor(2.75))
+
+
+def test_aggregate_token_mode_by_hand() -> None:
+    # (2 * (1 + 2) + 0.5 * 4) / 3 counted tokens = 8 / 3
+    _close(aggregate(_PER_TOKEN, _MASK, _WEIGHTS, "token"), torch.tensor(8 / 3))
+    # unweighted: (1 + 2 + 4) / 3
+    _close(aggregate(_PER_TOKEN, _MASK, None, "token"), torch.tensor(7 / 3))
+
+
+@pytest.mark.parametrize("mode", ["sample", "token"])
+def test_aggregate_all_masked_is_exact_zero_with_zero_grad(mode: str) -> None:
+    per_token = torch.tensor([[1.0, -2.0], [3.0, 4.0]], requires_grad=True)
+    out = aggregate(per_token, torch.zeros(2, 2), _WEIGHTS, mode)  # type: ignore[arg-type]
+    assert torch.equal(out, torch.tensor(0.0))
+    out.backward()
+    assert per_token.grad is not None
+    assert torch.equal(per_token.grad, torch.zeros(2, 2))
+
+
+@pytest.mark.parametrize("mode", ["sample", "token"])
+def test_aggregate_ignores_masked_values(mode: str) -> None:
+    huge = _PER_TOKEN.clone()
+    huge[_MASK == 0] = 1e30
+    huge.requires_grad_(True)
+    out = aggregate(huge, _MASK, _WEIGHTS, mode)  # type: ignore[arg-type]
+    assert torch.equal(out, aggregate(_PER_TOKEN, _MASK, _WEIGHTS, mode))  # type: ignore[arg-type]
+    out.backward()
+    assert huge.grad is not None
+    assert torch.equal(huge.grad[_MASK == 0], torch.zeros(3))
+    assert (huge.grad[_MASK == 1] > 0).all()
+
+
+def test_aggregate_bad_mode_raises() -> None:
+    with pytest.raises(ValueError, match="aggregation"):
+        aggregate(_PER_TOKEN, _MASK, mode="mean")  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------- advantages
+
+
+def test_group_advantages_by_hand() -> None:
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+    ids = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    # group 0: mean 1/2, population std 1/2 -> +-0.5 / 0.5
+    # group 1: mean 1/4, centred (3/4, -1/4, -1/4, -1/4), var = (9/16 + 3/16) / 4 = 3/16, std = sqrt(3)/4
+    std1 = math.sqrt(3) / 4
+    want = torch.tensor([0.5, -0.5, -0.5, 0.5]) / (0.5 + 1e-6)
+    want = torch.cat([want, torch.tensor([0.75, -0.25, -0.25, -0.25]) / (std1 + 1e-6)])
+    _close(group_advantages(rewards, ids), want)
+    # sanity of the numbers above: 0.75 / (sqrt(3)/4) = sqrt(3) = 1.7320508
+    assert abs(group_advantages(rewards, ids)[4].item() - 1.7320508) < 1e-4
+
+
+@pytest.mark.parametrize("value", [0.0, 1.0, 0.1, 0.3])
+@pytest.mark.parametrize("size", [1, 3, 7, 8])
+def test_group_advantages_zero_spread_group_is_exact_zero(value: float, size: int) -> None:
+    rewards = torch.cat([torch.full((size,), value), torch.tensor([0.0, 1.0])])
+    ids = torch.cat([torch.zeros(size, dtype=torch.long), torch.ones(2, dtype=torch.long)])
+    for scale in (True, False):
+        adv = group_advantages(rewards, ids, scale_by_std=scale)
+        assert torch.equal(adv[:size], torch.zeros(size))
+        assert (adv[size:].abs() > 0.4).all()
+
+
+def test_group_advantages_without_std_are_centred() -> None:
+    rewards = torch.tensor([1.0, 0.0, 0.0, 3.0, 1.0])
+    ids = torch.tensor([0, 0, 0, 1, 1])
+    # group 0 mean 1/3, group 1 mean 2
+    want = torch.tensor([2 / 3, -1 / 3, -1 / 3, 1.0, -1.0])
+    _close(group_advantages(rewards, ids, scale_by_std=False), want)
+
+
+def test_group_advantages_non_contiguous_ids() -> None:
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+    ids = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    perm = torch.tensor([4, 0, 5, 1, 6, 2, 7, 3])
+    sparse_ids = torch.where(ids[perm] == 0, 42, 7)
+    _close(group_advantages(rewards[perm], sparse_ids), group_advantages(rewards, ids)[perm])
+
+
+# ------------------------------------------------------------------------------ policy gradient
+
+
+def _policy(ratios: list[float], advantages: list[float], **kwargs: float | None) -> tuple[Tensor, Tensor]:
+    """Per-token loss and its gradient w.r.t. the current log-probabilities (old log-probs are 0)."""
+    logprobs = torch.log(torch.tensor([ratios], dtype=torch.float64)).requires_grad_(True)
+    old = torch.zeros_like(logprobs)
+    loss = clipped_policy_loss(logprobs, old, torch.tensor([advantages], dtype=torch.float64), **kwargs)  # type: ignore[arg-type]
+    (grad,) = torch.autograd.grad(loss.sum(), logprobs)
+    return loss[0], grad[0]
+
+
+def test_positive_advantage_clips_above_only() -> None:
+    loss, grad = _policy([1.5, 0.5, 1.1], [2.0, 2.0, 2.0])
+    # 1.5 -> clipped at 1.2 (no gradient); 0.5 -> unclipped, d(-r A)/dlog r = -r A = -1.0; 1.1 inside
+    _close(loss, torch.tensor([-2.4, -1.0, -2.2]))
+    _close(grad, torch.tensor([0.0, -1.0, -2.2]))
+
+
+def test_negative_advantage_clips_below_only() -> None:
+    loss, grad = _policy([0.5, 1.5, 0.9], [-2.0, -2.0, -2.0])
+    # 0.5 -> clipped at 0.8 (no gradient); 1.5 -> unclipped, -r A = 3.0; 0.9 inside
+    _close(loss, torch.tensor([1.6, 3.0, 1.8]))
+    _close(grad, torch.tensor([0.0, 3.0, 1.8]))
+
+
+def test_asymmetric_clip_boundaries() -> None:
+    ratios = [1.25, 1.3, 0.79, 0.85]
+    adv = [1.0, 1.0, -1.0, -1.0]
+    loss, grad = _policy(ratios, adv, clip_low=0.2, clip_high=0.28)
+    # 1.25 < 1.28 not clipped; 1.3 clipped to 1.28; 0.79 < 0.8 clipped; 0.85 not clipped
+    _close(loss, torch.tensor([-1.25, -1.28, 0.8, 0.85]))
+    _close(grad, torch.tensor([-1.25, 0.0, 0.0, 0.85]))
+    sym_loss, sym_grad = _policy(ratios, adv, clip_low=0.2, clip_high=0.2)
+    _close(sym_loss, torch.tensor([-1.2, -1.2, 0.8, 0.85]))
+    _close(sym_grad, torch.tensor([0.0, 0.0, 0.0, 0.85]))
+
+
+def test_dual_clip_caps_negative_advantage_only() -> None:
+    ratios, adv = [20.0, 20.0, 1.0, 5.0], [-2.0, 2.0, -2.0, -2.0]
+    loss, grad = _policy(ratios, adv, clip_low=0.2, clip_high=0.28, dual_clip=10.0)
+    # A<0, ratio 20: min(40, 10 * 2) = 20, no gradient; A>0 ratio 20: -1.28 * 2; small ratios unchanged
+    _close(loss, torch.tensor([20.0, -2.56, 2.0, 10.0]))
+    _close(grad, torch.tensor([0.0, 0.0, 2.0, 10.0]))
+    plain, _ = _policy(ratios, adv, clip_low=0.2, clip_high=0.28)
+    _close(plain, torch.tensor([40.0, -2.56, 2.0, 10.0]))
+
+
+@pytest.mark.parametrize("dual_clip", [1.0, 0.5])
+def test_dual_clip_at_most_one_raises(dual_clip: float) -> None:
+    with pytest.raises(ValueError, match="dual_clip"):
+        clipped_policy_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2), dual_clip=dual_clip)
+
+
+def test_policy_loss_treats_advantages_and_old_logprobs_as_constants() -> None:
+    logprobs = torch.tensor([[-0.1, -0.5, -0.2]], requires_grad=True)
+    old = torch.tensor([[-0.2, -0.4, -0.2]], requires_grad=True)
+    adv = torch.tensor([[1.5]], requires_grad=True)  # (B, 1) broadcast over T
+    loss = clipped_policy_loss(logprobs, old, adv)
+    assert loss.shape == (1, 3)
+    loss.sum().backward()
+    assert adv.grad is None
+    assert old.grad is None
+    assert logprobs.grad is not None and logprobs.grad.abs().sum() > 0
+
+
+def test_sampled_token_kl_advantage_is_detached_log_ratio() -> None:
+    s = torch.tensor([[-0.5, -2.0, -1.0]], requires_grad=True)
+    t = torch.tensor([[-1.0, -0.5, -1.0]], requires_grad=True)
+    adv = sampled_token_kl_advantage(s, t)
+    assert torch.equal(adv, torch.tensor([[-0.5, 1.5, 0.0]]))
+    assert not adv.requires_grad
+
+
+def test_sampled_token_kl_advantage_estimates_minus_reverse_kl() -> None:
+    g = torch.Generator().manual_seed(5)
+    p_s = torch.tensor([0.6, 0.25, 0.1, 0.05])
+    p_t = torch.tensor([0.2, 0.3, 0.3, 0.2])
+    y = torch.multinomial(p_s, 20000, replacement=True, generator=g)
+    adv = sampled_token_kl_advantage(p_s.log()[y][None], p_t.log()[y][None])
+    reverse = _explicit_kl(p_s.double(), p_t.double()).item()
+    assert reverse > 0.3
+    assert abs(adv.mean().item() + reverse) < 0.05

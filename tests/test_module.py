@@ -1,0 +1,153 @@
+"""DistillModule: configuration errors, loss terms on real batches, LoRA and export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lit_zpd.callbacks.export import SaveStudent
+from lit_zpd.module import DistillModule, LoraSettings, LossConfig
+from lit_zpd.tokenizer import build_char_tokenizer
+from tests.test_rollout import make_data, make_trainer
+
+
+def test_loss_config_validation() -> None:
+    with pytest.raises(ValueError, match="at least one coefficient"):
+        LossConfig()
+    with pytest.raises(ValueError, match="model.loss.jsd_beta"):
+        LossConfig(jsd=1.0, jsd_beta=2.0)
+    with pytest.raises(ValueError, match="model.loss.sft"):
+        LossConfig(sft=-1.0)
+    assert LossConfig(sft=1.0, jsd=0.5).active == {"sft": 1.0, "jsd": 0.5}
+
+
+def test_teacher_terms_need_a_teacher(tiny_student: str) -> None:
+    with pytest.raises(ValueError, match="set model.teacher"):
+        DistillModule(student=tiny_student, teacher=None, loss=LossConfig(reverse_kl=1.0))
+
+
+def test_teacher_with_another_tokenizer_is_refused(tiny_student: str, tiny_teacher: str, tmp_path: Path) -> None:
+    other = tmp_path / "other_teacher"
+    AutoModelForCausalLM.from_pretrained(tiny_teacher).save_pretrained(other)
+    tokenizer = build_char_tokenizer()
+    tokenizer.add_tokens(["<extra>"])
+    tokenizer.save_pretrained(other)
+    with pytest.raises(ValueError, match="differs from the student's"):
+        DistillModule(student=tiny_student, teacher=str(other))
+
+
+def test_tokenizer_keeps_newlines_in_a_model_directory(tiny_student: str) -> None:
+    """A model directory's config must not make AutoTokenizer swap in a byte-level tokenizer."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_student)
+    text = "7+8+0=15\n\\boxed{15}"
+    assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def test_policy_terms_refuse_off_policy_data(tiny_student: str) -> None:
+    module = DistillModule(student=tiny_student, teacher=None, loss=LossConfig(policy=1.0), report_start_end=False)
+    with pytest.raises(ValueError, match="need student rollouts"):
+        make_trainer(1).fit(module, datamodule=make_data(data_source="reference"))
+
+
+@pytest.mark.parametrize(
+    "loss, data_source",
+    [
+        (LossConfig(sft=1.0), "reference"),
+        (LossConfig(forward_kl=1.0), "teacher"),
+        (LossConfig(jsd=1.0, jsd_beta=0.5, temperature=0.9), "student"),
+        (LossConfig(reverse_kl=1.0, chunk_size=7), "student"),
+        (LossConfig(on_policy_distill=1.0), "student"),
+        (LossConfig(policy=1.0, dual_clip=3.0), "student"),
+    ],
+)
+def test_every_loss_term_trains(tiny_student: str, tiny_teacher: str, loss: LossConfig, data_source: str) -> None:
+    module = DistillModule(student=tiny_student, teacher=tiny_teacher, loss=loss, report_start_end=False)
+    before = {k: v.clone() for k, v in module.student.state_dict().items()}
+    data = make_data(data_source=data_source, prompts_per_step=4, samples_per_prompt=4)
+    make_trainer(2).fit(module, datamodule=data)
+    batch = data.rollout(0)
+    terms, _ = module.loss_terms(batch)
+    assert set(terms) == set(loss.active)
+    assert all(torch.isfinite(v) for v in terms.values())
+    changed = any(not torch.equal(before[k], v) for k, v in module.student.state_dict().items())
+    assert changed
+
+
+def test_sft_loss_falls_on_a_fixed_batch(tiny_student: str) -> None:
+    module = DistillModule(student=tiny_student, teacher=None, report_start_end=False)
+    data = make_data(data_source="reference", prompts_per_step=4)
+    make_trainer(1).fit(module, datamodule=data)
+    batch = data.rollout(0)
+    optimizer = torch.optim.Adam(module.student.parameters(), lr=1e-2)
+    first = module.loss_terms(batch)[0]["sft"].item()
+    for _ in range(20):
+        optimizer.zero_grad()
+        module.loss_terms(batch)[0]["sft"].backward()
+        optimizer.step()
+    assert module.loss_terms(batch)[0]["sft"].item() < 0.5 * first
+
+
+def test_distillation_moves_student_towards_teacher(tiny_student: str, tiny_teacher: str) -> None:
+    module = DistillModule(student=tiny_student, teacher=tiny_teacher, loss=LossConfig(forward_kl=1.0), report_start_end=False)
+    data = make_data(data_source="reference", prompts_per_step=4)
+    make_trainer(1).fit(module, datamodule=data)
+    batch = data.rollout(0)
+    optimizer = torch.optim.Adam(module.student.parameters(), lr=1e-2)
+    first = module.loss_terms(batch)[0]["forward_kl"].item()
+    for _ in range(20):
+        optimizer.zero_grad()
+        module.loss_terms(batch)[0]["forward_kl"].backward()
+        optimizer.step()
+    assert module.loss_terms(batch)[0]["forward_kl"].item() < 0.5 * first
+
+
+def test_sample_weights_scale_the_loss(tiny_student: str) -> None:
+    module = DistillModule(student=tiny_student, teacher=None, report_start_end=False)
+    data = make_data(data_source="reference", prompts_per_step=4)
+    make_trainer(1).fit(module, datamodule=data)
+    batch = data.rollout(0)
+    base = module.loss_terms(batch)[0]["sft"]
+    batch["weights"] = torch.full_like(batch["weights"], 2.0)
+    assert torch.allclose(module.loss_terms(batch)[0]["sft"], 2 * base)
+    batch["weights"] = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    only_first = module.loss_terms(batch)[0]["sft"]
+    assert 0 < only_first.item() < base.item() * 4
+
+
+def test_lora_trains_adapters_only_and_exports_merged(tiny_student: str, tmp_path: Path) -> None:
+    module = DistillModule(
+        student=tiny_student,
+        teacher=None,
+        lora=LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.5),
+        report_start_end=False,
+    )
+    trainable = [n for n, p in module.student.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    out = tmp_path / "exported"
+    make_trainer(2, [SaveStudent(str(out))]).fit(module, datamodule=make_data(data_source="reference"))
+    exported = AutoModelForCausalLM.from_pretrained(out)
+    assert not any("lora" in n for n, _ in exported.named_parameters())
+    ids = torch.tensor([[10, 11, 12, 13]])
+    with torch.no_grad():
+        expected = module.student(input_ids=ids).logits
+        original = AutoModelForCausalLM.from_pretrained(tiny_student)(input_ids=ids).logits
+        got = exported(input_ids=ids).logits
+    assert torch.allclose(got, expected, atol=1e-4)
+    assert not torch.allclose(got, original, atol=1e-4)  # the adapters did learn something
+    assert AutoTokenizer.from_pretrained(out).decode([15, 3, 16]) == "a\nb"
+
+
+def test_checkpoint_leaves_the_teacher_out(tiny_student: str, tiny_teacher: str, tmp_path: Path) -> None:
+    module = DistillModule(student=tiny_student, teacher=tiny_teacher, loss=LossConfig(forward_kl=1.0), report_start_end=False)
+    trainer = Trainer(max_steps=1, logger=False, enable_progress_bar=False, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=make_data(data_source="reference"))
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    keys = torch.load(path, weights_only=False)["state_dict"].keys()
+    assert any(k.startswith("student.") for k in keys)
+    assert not any(k.startswith("teacher.") for k in keys)
