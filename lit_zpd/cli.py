@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lit_zpd.module import DistillModule
 from lit_zpd.rollout.datamodule import RolloutDataModule
@@ -27,6 +28,15 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 }
 
 
+class LitZpdCLI(LightningCLI):
+    """Adds an always-present ``checkpoint`` (ModelCheckpoint) so a crash loses at most
+    ``checkpoint.every_n_train_steps`` steps: resume with ``--ckpt_path .../last.ckpt``."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.every_n_train_steps": 50, "checkpoint.save_last": True})
+
+
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     """Entry point of the ``lit-zpd`` console script.
 
@@ -34,7 +44,7 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
         args: Replaces ``sys.argv[1:]``.
         run: With ``False``, parse and instantiate only (no subcommand in ``args`` then).
     """
-    return LightningCLI(
+    return LitZpdCLI(
         DistillModule,
         RolloutDataModule,
         trainer_defaults=TRAINER_DEFAULTS,

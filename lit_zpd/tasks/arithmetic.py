@@ -14,11 +14,10 @@ problem whatever sizes are asked for.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import random
 from collections.abc import Callable, Iterator
 
-from lit_zpd.tasks.problem import Problem, ProblemSource, Split
+from lit_zpd.tasks.problem import Problem, ProblemSource, Split, cap_per_skill
 
 SKILL_GRAPH: dict[str, list[str]] = {
     "add_1digit": [],
@@ -36,14 +35,12 @@ def _digits(n: int, width: int) -> list[int]:
 
 def solve_add(a: int, b: int) -> str:
     width = max(len(str(a)), len(str(b)))
-    lines, carry, out = [], 0, []
+    lines, carry = [], 0
     for x, y in zip(_digits(a, width), _digits(b, width)):
         s = x + y + carry
         lines.append(f"{x}+{y}+{carry}={s}")
-        out.append(s % 10)
         carry = s // 10
-    answer = a + b
-    return "\n".join(lines) + f"\n\\boxed{{{answer}}}"
+    return "\n".join(lines) + f"\n\\boxed{{{a + b}}}"
 
 
 def solve_sub(a: int, b: int) -> str:
@@ -71,7 +68,7 @@ def solve_multi_step(expr: str) -> str:
         a, b, c = int(expr[1]), int(expr[3]), int(expr[6])
         s = a + b
         return f"{a}+{b}={s}\n{s}*{c}={s * c}\n\\boxed{{{s * c}}}"
-    a, op1, b, op2, c = int(expr[0]), expr[1], int(expr[2]), expr[3], int(expr[4])
+    a, _, b, op2, c = int(expr[0]), expr[1], int(expr[2]), expr[3], int(expr[4])
     if op2 == "*":  # a+b*c
         m = b * c
         return f"{b}*{c}={m}\n{a}+{m}={a + m}\n\\boxed{{{a + m}}}"
@@ -246,17 +243,5 @@ class ArithmeticCurriculum(ProblemSource):
                 )
         if self.max_eval_per_skill is not None:
             for split in ("validation", "test"):
-                splits[split] = _cap_per_skill(splits[split], self.max_eval_per_skill)
+                splits[split] = cap_per_skill(splits[split], self.max_eval_per_skill)
         return splits
-
-
-def _cap_per_skill(problems: list[Problem], cap: int) -> list[Problem]:
-    """Keep up to ``cap`` problems per skill, taken round-robin over its difficulty levels."""
-    by_level: dict[str, dict[int, list[Problem]]] = {}
-    for p in problems:
-        by_level.setdefault(p.skill, {}).setdefault(p.difficulty, []).append(p)
-    kept: list[Problem] = []
-    for levels in by_level.values():
-        rows = itertools.zip_longest(*(levels[d] for d in sorted(levels)))
-        kept.extend([p for row in rows for p in row if p is not None][:cap])
-    return kept

@@ -21,8 +21,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lit_zpd.tasks.arithmetic import _cap_per_skill
-from lit_zpd.tasks.problem import SPLITS, Problem, ProblemSource, Split
+from lit_zpd.tasks.problem import SPLITS, Problem, ProblemSource, Split, cap_per_skill
 from lit_zpd.tasks.verifier import EXTRACTORS, AnswerExtractor, extract_boxed, normalize_answer
 
 if TYPE_CHECKING:
@@ -262,7 +261,7 @@ class DatasetSource(ProblemSource):
                 splits[target].append(problem)
         if self.max_eval_per_skill is not None:
             for split in ("validation", "test"):
-                splits[split] = _cap_per_skill(splits[split], self.max_eval_per_skill)
+                splits[split] = cap_per_skill(splits[split], self.max_eval_per_skill)
         return splits
 
     def _problem(self, row: Mapping[str, Any]) -> Problem:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Literal
@@ -46,3 +47,15 @@ class ProblemSource(ABC):
 
     def skills(self) -> list[str]:
         return list(self.skill_graph())
+
+
+def cap_per_skill(problems: list[Problem], cap: int) -> list[Problem]:
+    """Keep up to ``cap`` problems per skill, taken round-robin over its difficulty levels."""
+    by_level: dict[str, dict[int, list[Problem]]] = {}
+    for p in problems:
+        by_level.setdefault(p.skill, {}).setdefault(p.difficulty, []).append(p)
+    kept: list[Problem] = []
+    for levels in by_level.values():
+        rows = itertools.zip_longest(*(levels[d] for d in sorted(levels)))
+        kept.extend([p for row in rows for p in row if p is not None][:cap])
+    return kept
