@@ -184,12 +184,12 @@ def clipped_policy_loss(
     return loss
 
 
-def group_advantages(
-    rewards: Tensor, group_ids: Tensor, scale_by_std: bool = True, eps: float = 1e-6
-) -> Tensor:
-    """GRPO advantages ``(r - mean_group) / (std_group + eps)``. ``(B,), (B,) -> (B,)``.
+def _group_centred(rewards: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``r - mean_group`` per sample, exactly 0 in groups whose rewards are all equal.
 
-    Groups whose rewards are all equal get exactly 0. ``std`` is the population std of the group.
+    Returns:
+        ``centred`` (B,), ``spread`` (B,) bool: the sample's group has unequal rewards,
+        ``inverse`` (B,): group position of each sample, ``counts`` (G,): samples per group.
     """
     rewards = rewards.float()
     _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
@@ -198,11 +198,37 @@ def group_advantages(
     # sum / count rounds (7 x 0.1 has a mean != 0.1 in float32); compare extremes for exact zeros.
     high = rewards.new_full((len(counts),), -math.inf).scatter_reduce(0, inverse, rewards, "amax")
     low = rewards.new_full((len(counts),), math.inf).scatter_reduce(0, inverse, rewards, "amin")
-    centred = torch.where((high == low)[inverse], 0.0, rewards - mean)
+    spread = (high != low)[inverse]
+    return torch.where(spread, rewards - mean, 0.0), spread, inverse, counts
+
+
+def group_advantages(
+    rewards: Tensor, group_ids: Tensor, scale_by_std: bool = True, eps: float = 1e-6
+) -> Tensor:
+    """GRPO advantages ``(r - mean_group) / (std_group + eps)``. ``(B,), (B,) -> (B,)``.
+
+    Groups whose rewards are all equal get exactly 0. ``std`` is the population std of the group.
+    """
+    centred, _, inverse, counts = _group_centred(rewards, group_ids)
     if not scale_by_std:
         return centred
-    var = rewards.new_zeros(len(counts)).index_add_(0, inverse, centred**2) / counts
+    var = centred.new_zeros(len(counts)).index_add_(0, inverse, centred**2) / counts
     return centred / (var.sqrt()[inverse] + eps)
+
+
+def reinforce_pp_advantages(rewards: Tensor, group_ids: Tensor, eps: float = 1e-6) -> Tensor:
+    """REINFORCE++ advantages with a group baseline (ZPPO). ``(B,), (B,) -> (B,)``.
+
+    ``A' = r - mean_group``, then ``(A' - mean) / (std + eps)`` with the mean and population std
+    taken over the samples of groups whose rewards differ. Groups whose rewards are all equal
+    (all correct, all wrong) carry no signal and keep exactly 0, and they do not shrink the
+    batch statistics either.
+    """
+    centred, spread, _, _ = _group_centred(rewards, group_ids)
+    if not spread.any():
+        return centred
+    kept = centred[spread]
+    return centred.masked_scatter(spread, (kept - kept.mean()) / (kept.std(correction=0) + eps))
 
 
 def sampled_token_kl_advantage(student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:

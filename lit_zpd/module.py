@@ -128,7 +128,7 @@ class DistillModule(LightningModule):
         init_from_config: Build the student from its ``config.json`` with fresh weights (seeded by
             ``init_seed``) instead of loading weights; how the embedded models are trained.
         init_seed: Seed of that initialisation.
-        loss: Loss coefficients and settings.
+        loss: Loss coefficients and settings; ``None`` means SFT only. Coefficients not given are 0.
         lora: Train LoRA adapters instead of all weights.
         optimizer: Optimizer factory (LightningCLI: ``class_path`` and ``init_args``).
         lr_scheduler: Learning-rate scheduler factory, stepped after every optimizer step.
@@ -150,7 +150,7 @@ class DistillModule(LightningModule):
         tokenizer: str | None = None,
         init_from_config: bool = False,
         init_seed: int = 0,
-        loss: LossConfig = LossConfig(sft=1.0),
+        loss: LossConfig | None = None,
         lora: LoraSettings | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -160,6 +160,7 @@ class DistillModule(LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        loss = loss if loss is not None else LossConfig(sft=1.0)
         if loss.active.keys() & set(TEACHER_TERMS) and teacher is None:
             raise ValueError(f"model.loss uses {sorted(loss.active.keys() & set(TEACHER_TERMS))}: set model.teacher")
         if log_samples_every_n_steps < 1:

@@ -68,3 +68,13 @@ def test_console_script_help() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "--model.loss.jsd_beta" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "name, terms",
+    [("sft", {"sft"}), ("kd", {"forward_kl"}), ("gkd", {"jsd"}), ("opd", {"on_policy_distill"}), ("grpo", {"policy"})],
+)
+def test_config_loss_terms_are_exactly_the_yaml_ones(name: str, terms: set[str]) -> None:
+    """A YAML ``loss`` mapping replaces the default SFT loss instead of adding to it."""
+    cli = main(["--config", str(ROOT / "configs" / f"{name}.yaml")], run=False)
+    assert set(cli.model.loss_config.active) == terms

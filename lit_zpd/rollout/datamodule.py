@@ -7,15 +7,24 @@ the loader itself would use weights one step old; here the prefetched item is a 
 the policy lag is zero. Every random choice of batch ``t`` (which problems, on- or off-policy,
 sampling noise) is seeded from ``(seed, t)``, so a resumed run rolls out exactly what an
 uninterrupted one would.
+
+PPO minibatches: with ``ppo_minibatches = m`` one rollout serves ``m`` consecutive batch indices
+(rollout ``r = t // m``, minibatch ``k = t % m``), each its own optimizer step. The rollout is
+sampled at ``k = 0`` (zero lag), its rows are shuffled (seeded by ``r``) and split into ``m``
+parts; a group may span parts, which is harmless because advantages are computed on the whole
+rollout first. Minibatch ``k`` keeps the rollout's ``policy_version`` (lag ``k`` by design); the
+loss's importance ratio against the sampling log-probs corrects it. The unserved parts are in
+:meth:`RolloutDataModule.state_dict`, so a checkpoint taken mid-rollout resumes exactly.
 """
 
 from __future__ import annotations
 
 import random
+import time
 from contextlib import contextmanager
 from functools import lru_cache
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -23,11 +32,13 @@ from lightning.pytorch.utilities.types import EVAL_DATALOADERS, TRAIN_DATALOADER
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
-from lit_zpd.losses import group_advantages
+from lit_zpd.assets import resolve
+from lit_zpd.losses import group_advantages, reinforce_pp_advantages
 from lit_zpd.rollout.batch import build_batch
 from lit_zpd.rollout.engine import RolloutEngine, SamplingConfig
 from lit_zpd.rollout.hf_engine import HFEngine
 from lit_zpd.rollout.plan import DataSource, PromptSpec, RolloutGroup, RolloutHook, RolloutPlan
+from lit_zpd.rollout.vllm_engine import VLLMEngine, VLLMSettings
 from lit_zpd.tasks.arithmetic import ArithmeticCurriculum
 from lit_zpd.tasks.problem import Problem, ProblemSource, Split
 from lit_zpd.tasks.verifier import score_response
@@ -63,9 +74,18 @@ class RolloutDataModule(LightningDataModule):
             dropped from the batch).
         sampling: Sampling of student rollouts.
         teacher_sampling: Sampling of teacher responses; ``sampling`` if ``None``.
-        engine: Rollout engine: ``hf`` (Hugging Face ``generate`` on the live student).
+        engine: Rollout engine of the student: ``hf`` (Hugging Face ``generate`` on the live
+            student) or ``vllm`` (colocated vLLM, synced after each optimizer step; needs
+            ``sampling.top_p`` 1). The teacher always uses ``hf``.
+        vllm: Options of the ``vllm`` engine; defaults if ``None``.
         generation_batch_size: Sequences per engine call.
         advantage_scale_by_std: GRPO advantages divided by the group's std (Dr. GRPO if False).
+        advantage_estimator: ``grpo``: group-normalised advantages; ``reinforce_pp``: REINFORCE++
+            with a group baseline, ``r - mean_group`` normalised over the batch's groups that have
+            a reward spread (ZPPO). Computed over the whole rollout, before minibatching.
+        ppo_minibatches: Optimizer steps per rollout: one rollout is sampled for every
+            ``ppo_minibatches`` consecutive batch indices and served as that many shuffled row
+            minibatches. ``trainer.max_steps`` counts these minibatch steps.
         eval_samples: ``k`` for the mean accuracy over ``k`` samples at validation.
         eval_sampling: Sampling for that mean; greedy accuracy is always measured too.
         eval_batch_size: Problems per validation batch.
@@ -88,9 +108,12 @@ class RolloutDataModule(LightningDataModule):
         teacher_correct_only: bool = False,
         sampling: SamplingConfig = SamplingConfig(),
         teacher_sampling: SamplingConfig | None = None,
-        engine: str = "hf",
+        engine: Literal["hf", "vllm"] = "hf",
+        vllm: VLLMSettings | None = None,
         generation_batch_size: int = 256,
         advantage_scale_by_std: bool = True,
+        advantage_estimator: Literal["grpo", "reinforce_pp"] = "grpo",
+        ppo_minibatches: int = 1,
         eval_samples: int = 8,
         eval_sampling: SamplingConfig = SamplingConfig(temperature=1.0),
         eval_batch_size: int = 64,
@@ -103,6 +126,7 @@ class RolloutDataModule(LightningDataModule):
             ("teacher_samples_per_prompt", teacher_samples_per_prompt),
             ("generation_batch_size", generation_batch_size),
             ("eval_batch_size", eval_batch_size),
+            ("ppo_minibatches", ppo_minibatches),
         ):
             if value < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {value}")
@@ -112,8 +136,12 @@ class RolloutDataModule(LightningDataModule):
             raise ValueError(f"data.lmbda must be in [0, 1], got {lmbda}")
         if off_policy_source == "student":
             raise ValueError("data.off_policy_source must be 'teacher' or 'reference'")
-        if engine != "hf":
-            raise ValueError(f"data.engine must be 'hf', got {engine!r}")
+        if advantage_estimator not in ("grpo", "reinforce_pp"):
+            raise ValueError(f"data.advantage_estimator must be 'grpo' or 'reinforce_pp', got {advantage_estimator!r}")
+        if engine not in ("hf", "vllm"):
+            raise ValueError(f"data.engine must be 'hf' or 'vllm', got {engine!r}")
+        if engine == "vllm" and sampling.top_p < 1:
+            raise ValueError("data.sampling.top_p must be 1 with data.engine: vllm (its log-probs would be renormalised)")
         self.source = source if source is not None else ArithmeticCurriculum()
         self.prompts_per_step = prompts_per_step
         self.samples_per_prompt = samples_per_prompt
@@ -125,8 +153,11 @@ class RolloutDataModule(LightningDataModule):
         self.sampling = sampling
         self.teacher_sampling = teacher_sampling or sampling
         self.engine_name = engine
+        self.vllm = vllm
         self.generation_batch_size = generation_batch_size
         self.advantage_scale_by_std = advantage_scale_by_std
+        self.advantage_estimator = advantage_estimator
+        self.ppo_minibatches = ppo_minibatches
         self.eval_samples = eval_samples
         self.eval_sampling = eval_sampling
         self.eval_batch_size = eval_batch_size
@@ -134,6 +165,10 @@ class RolloutDataModule(LightningDataModule):
         self.batches_consumed = 0
         self._train: list[Problem] = []
         self._engines: dict[int, RolloutEngine] = {}
+        self._synced_versions: dict[int, int] = {}  # model id -> global_step of its engine's last sync
+        self._sync_seconds = 0.0
+        # (rollout index, its minibatches) while minibatches of that rollout remain to be served.
+        self._minibatches: tuple[int, list[dict[str, Any]]] | None = None
 
     # ----------------------------------------------------------------------------- Lightning
 
@@ -154,16 +189,21 @@ class RolloutDataModule(LightningDataModule):
     @override
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if self.trainer is not None and self.trainer.training:
-            return self.rollout(int(batch))
+            return self.train_batch(int(batch))
         return self.evaluate_batch(self._module.student, batch)
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"batches_consumed": self.batches_consumed}
+        state: dict[str, Any] = {"batches_consumed": self.batches_consumed}
+        if self._minibatches is not None:
+            state["minibatches"] = {"rollout_index": self._minibatches[0], "parts": self._minibatches[1]}
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.batches_consumed = int(state_dict.get("batches_consumed", 0))
+        cached = state_dict.get("minibatches")
+        self._minibatches = (int(cached["rollout_index"]), list(cached["parts"])) if cached else None
 
     # ----------------------------------------------------------------------------- properties
 
@@ -186,13 +226,27 @@ class RolloutDataModule(LightningDataModule):
         return [cb for cb in self.trainer.callbacks if isinstance(cb, RolloutHook)] if self.trainer else []
 
     def engine_for(self, model: torch.nn.Module) -> RolloutEngine:
-        """The engine sampling ``model`` (one per model, built on first use)."""
+        """The engine sampling ``model`` (one per model, built on first use), synced to ``model``'s
+        weights when the policy version (``global_step``) moved since its last sync."""
+        module = self._module
         if id(model) not in self._engines:
-            tok = self._module.tokenizer
-            self._engines[id(model)] = HFEngine(
-                model, tok.pad_token_id, tok.eos_token_id, len(tok), self.generation_batch_size
-            )
+            tok = module.tokenizer
+            if self.engine_name == "vllm" and model is module.student:
+                engine: RolloutEngine = VLLMEngine(resolve(module.hparams.student), tok.eos_token_id, len(tok), self.vllm)
+            else:
+                engine = HFEngine(model, tok.pad_token_id, tok.eos_token_id, len(tok), self.generation_batch_size)
+            self._engines[id(model)] = engine
+        if self._synced_versions.get(id(model)) != self.trainer.global_step:
+            start = time.perf_counter()
+            self._engines[id(model)].sync_weights(model)
+            self._sync_seconds += time.perf_counter() - start
+            self._synced_versions[id(model)] = self.trainer.global_step
         return self._engines[id(model)]
+
+    def score(self, spec: PromptSpec, token_ids: list[list[int]]) -> RolloutGroup:
+        """Decode and verify completions of ``spec`` as training rollouts are scored (for hooks
+        that sample on their own, e.g. the student's pass rate on off-policy batches)."""
+        return self._group(spec, token_ids, None)
 
     # ----------------------------------------------------------------------------- one step
 
@@ -217,6 +271,41 @@ class RolloutDataModule(LightningDataModule):
         on_policy = random.Random(f"{self.seed}:lmbda:{index}").random() < self.lmbda
         return "student" if on_policy else self.off_policy_source
 
+    def train_batch(self, index: int) -> dict[str, Any]:
+        """Training batch ``index``: minibatch ``index % ppo_minibatches`` of rollout ``index // ppo_minibatches``."""
+        rollout_index, part = divmod(index, self.ppo_minibatches)
+        if self._minibatches is None or self._minibatches[0] != rollout_index:
+            if part:
+                raise RuntimeError(
+                    f"batch {index} is minibatch {part} of rollout {rollout_index}, which is not cached; "
+                    "resume from a checkpoint that holds the data module's state"
+                )
+            self._minibatches = (rollout_index, self._split(self.rollout(rollout_index), rollout_index))
+        batch = self._minibatches[1][part] | {
+            "batch_index": index, "rollout_index": rollout_index, "minibatch_index": part
+        }
+        if part == self.ppo_minibatches - 1:
+            self._minibatches = None
+        self.batches_consumed = index + 1
+        return batch
+
+    def _split(self, batch: dict[str, Any], rollout_index: int) -> list[dict[str, Any]]:
+        """``ppo_minibatches`` row subsets of a rollout batch, shuffled with a seed of the rollout.
+
+        Fields whose first dimension is the row count are split; the others are shared.
+        """
+        if self.ppo_minibatches == 1:
+            return [batch]
+        rows = batch["input_ids"].shape[0]
+        if rows < self.ppo_minibatches:
+            raise RuntimeError(
+                f"rollout {rollout_index} has {rows} rows, fewer than data.ppo_minibatches={self.ppo_minibatches}"
+            )
+        order = list(range(rows))
+        random.Random(f"{self.seed}:minibatch:{rollout_index}").shuffle(order)
+        parts = [sorted(order[k :: self.ppo_minibatches]) for k in range(self.ppo_minibatches)]
+        return [{key: _take_rows(value, part, rows) for key, value in batch.items()} for part in parts]
+
     def rollout(self, index: int) -> dict[str, Any]:
         """Plan, sample, score and batch training batch ``index`` (design steps 1-5)."""
         module = self._module
@@ -228,8 +317,14 @@ class RolloutDataModule(LightningDataModule):
         )
         for hook in self._hooks():
             hook.on_rollout_plan(self.trainer, plan)
+        self._sync_seconds = 0.0
         with _seeded(self.seed * 1_000_003 + index):
             groups = self._respond(plan, module)
+            # Hooks sample inside the seeded block (e.g. a teacher), so their draws repeat on resume.
+            extra = [spec for hook in self._hooks() for spec in hook.on_rollout_augment(self.trainer, plan, groups)]
+            if extra:
+                plan.prompts.extend(extra)
+                groups += self._respond(plan, module, extra)
         for hook in self._hooks():
             hook.on_rollout_scored(self.trainer, plan, groups)
         if not groups:
@@ -240,15 +335,16 @@ class RolloutDataModule(LightningDataModule):
             policy_version=plan.policy_version,
             batch_index=index,
             source=plan.source,
-            sampling_temperature=self.sampling.temperature if plan.source == "student" else 1.0,
+            # Engines report greedy log-probs at temperature 1.
+            sampling_temperature=(self.sampling.temperature or 1.0) if plan.source == "student" else 1.0,
+            sync_seconds=self._sync_seconds,
         )
         for hook in self._hooks():
             hook.on_batch_built(self.trainer, plan, batch)
-        self.batches_consumed = index + 1
         return batch
 
-    def _respond(self, plan: RolloutPlan, module: Any) -> list[RolloutGroup]:
-        specs = plan.prompts
+    def _respond(self, plan: RolloutPlan, module: Any, specs: list[PromptSpec] | None = None) -> list[RolloutGroup]:
+        specs = plan.prompts if specs is None else specs
         if plan.source == "reference":
             for spec in specs:
                 if spec.problem.reference is None:
@@ -285,6 +381,8 @@ class RolloutDataModule(LightningDataModule):
     def _advantages(self, groups: list[RolloutGroup]) -> list[float]:
         rewards = torch.tensor([r for g in groups for r in g.rewards])
         ids = torch.tensor([k for k, g in enumerate(groups) for _ in g.rewards])
+        if self.advantage_estimator == "reinforce_pp":
+            return reinforce_pp_advantages(rewards, ids).tolist()
         return group_advantages(rewards, ids, scale_by_std=self.advantage_scale_by_std).tolist()
 
     # ----------------------------------------------------------------------------- evaluation
@@ -325,6 +423,14 @@ class RolloutDataModule(LightningDataModule):
             self.evaluate_batch(model, problems[i : i + self.eval_batch_size])
             for i in range(0, len(problems), self.eval_batch_size)
         ]
+
+
+def _take_rows(value: Any, rows: list[int], n_rows: int) -> Any:
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n_rows:
+        return value[rows]
+    if isinstance(value, list) and len(value) == n_rows:
+        return [value[i] for i in rows]
+    return value
 
 
 def _keep_correct(group: RolloutGroup) -> RolloutGroup:

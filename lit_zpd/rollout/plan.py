@@ -7,7 +7,10 @@ A training step, as the :class:`~lit_zpd.rollout.datamodule.RolloutDataModule` r
    privileged teacher context);
 2. the engine samples ``G`` completions per prompt; 3. the verifier scores them into
    :class:`RolloutGroup` objects with their pass rate;
-4. hooks observe the scored groups (``on_rollout_scored``) and may set per-sample ``weights``;
+3b. hooks may return extra prompts built from those groups (``on_rollout_augment``: BCQ/NCQ
+   reformulations of the hard problems); they are sampled and scored as more groups of the same
+   batch, by the same weights;
+4. hooks observe all scored groups (``on_rollout_scored``) and may set per-sample ``weights``;
 5. the batch is built; hooks may add fields (``on_batch_built``); 6. the module trains on it.
 """
 
@@ -104,8 +107,16 @@ class RolloutHook:
     def on_rollout_plan(self, trainer: Any, plan: RolloutPlan) -> None:
         """Edit ``plan.prompts`` before sampling."""
 
+    def on_rollout_augment(self, trainer: Any, plan: RolloutPlan, groups: list[RolloutGroup]) -> list[PromptSpec]:
+        """Extra prompts for this batch, given the scored groups of ``plan.prompts``.
+
+        Called once per batch after the first sampling pass; the returned prompts of all hooks are
+        appended to ``plan.prompts``, sampled and scored in a second pass (never augmented again).
+        """
+        return []
+
     def on_rollout_scored(self, trainer: Any, plan: RolloutPlan, groups: list[RolloutGroup]) -> None:
-        """Observe scored groups; may set ``group.weights``."""
+        """Observe scored groups (augmented ones included); may set ``group.weights``."""
 
     def on_batch_built(self, trainer: Any, plan: RolloutPlan, batch: dict[str, Any]) -> None:
         """Add or change batch fields before the training step."""
