@@ -303,6 +303,9 @@ class DistillModule(LightningModule):
             "rollout/policy_lag": float(self.global_step - batch["policy_version"]),
             "rollout/on_policy": float(batch["source"] == "student"),
         }
+        if not batch.get("minibatch_index"):  # once per rollout, not per PPO minibatch
+            metrics["rollout/weight_sync_seconds"] = float(batch.get("sync_seconds", 0.0))
+            metrics["rollout/student_tokens_total"] = float(batch.get("student_tokens_total", 0))
         self.log_dict(metrics, batch_size=size)
         logger = self.logger
         if not isinstance(logger, TensorBoardLogger) or self.global_step % self.log_samples_every_n_steps:

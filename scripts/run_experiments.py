@@ -30,6 +30,7 @@ def run(name: str) -> dict[str, object]:
         "name": name,
         "minutes": (time.time() - start) / 60,
         "steps": cli.trainer.global_step,
+        "student_tokens": cli.datamodule.student_tokens,
         "start": module.start_report["student"],
         "end": module.end_report["student"],
         "teacher": module.start_report.get("teacher", {}),
@@ -38,18 +39,18 @@ def run(name: str) -> dict[str, object]:
 
 def table(results: list[dict[str, object]]) -> str:
     skills = [*SKILL_GRAPH, "all"]
-    head = "| config | steps | minutes | " + " | ".join(f"{s} greedy" for s in skills) + " | all mean@8 |"
-    rule = "|" + "---|" * (len(skills) + 4)
+    head = "| config | steps | student rollout tokens | minutes | " + " | ".join(f"{s} greedy" for s in skills) + " | all mean@8 |"
+    rule = "|" + "---|" * (len(skills) + 5)
     rows = []
     for r in results:
         start, end = r["start"], r["end"]
         cells = [f"{start[f'greedy/{s}']:.2f} → {end[f'greedy/{s}']:.2f}" for s in skills]
         mean_k = f"{start['mean_at_k/all']:.2f} → {end['mean_at_k/all']:.2f}"
-        rows.append(f"| {r['name']} | {r['steps']} | {r['minutes']:.1f} | " + " | ".join(cells) + f" | {mean_k} |")
+        rows.append(f"| {r['name']} | {r['steps']} | {r['student_tokens']} | {r['minutes']:.1f} | " + " | ".join(cells) + f" | {mean_k} |")
     teacher = next((r["teacher"] for r in results if r["teacher"]), None)
     if teacher:
         cells = [f"{teacher[f'greedy/{s}']:.2f}" for s in skills]
-        rows.append("| teacher (reference) | | | " + " | ".join(cells) + f" | {teacher['mean_at_k/all']:.2f} |")
+        rows.append("| teacher (reference) | | | | " + " | ".join(cells) + f" | {teacher['mean_at_k/all']:.2f} |")
     return "\n".join([head, rule, *rows])
 
 

@@ -163,6 +163,7 @@ class RolloutDataModule(LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.seed = seed
         self.batches_consumed = 0
+        self.student_tokens = 0  # completion tokens of training rollouts sampled from the student: the RL budget
         self._train: list[Problem] = []
         self._engines: dict[int, RolloutEngine] = {}
         self._synced_versions: dict[int, int] = {}  # model id -> global_step of its engine's last sync
@@ -194,7 +195,7 @@ class RolloutDataModule(LightningDataModule):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"batches_consumed": self.batches_consumed}
+        state: dict[str, Any] = {"batches_consumed": self.batches_consumed, "student_tokens": self.student_tokens}
         if self._minibatches is not None:
             state["minibatches"] = {"rollout_index": self._minibatches[0], "parts": self._minibatches[1]}
         return state
@@ -202,6 +203,7 @@ class RolloutDataModule(LightningDataModule):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.batches_consumed = int(state_dict.get("batches_consumed", 0))
+        self.student_tokens = int(state_dict.get("student_tokens", 0))
         cached = state_dict.get("minibatches")
         self._minibatches = (int(cached["rollout_index"]), list(cached["parts"])) if cached else None
 
@@ -330,6 +332,8 @@ class RolloutDataModule(LightningDataModule):
         if not groups:
             raise RuntimeError(f"batch {index} has no responses (teacher_correct_only dropped every prompt?)")
         advantages = self._advantages(groups) if plan.source == "student" else None
+        if plan.source == "student":
+            self.student_tokens += sum(len(ids) for g in groups for ids in g.token_ids)
         batch = build_batch(groups, module.tokenize, module.tokenizer.pad_token_id, advantages)
         batch.update(
             policy_version=plan.policy_version,
@@ -338,6 +342,7 @@ class RolloutDataModule(LightningDataModule):
             # Engines report greedy log-probs at temperature 1.
             sampling_temperature=(self.sampling.temperature or 1.0) if plan.source == "student" else 1.0,
             sync_seconds=self._sync_seconds,
+            student_tokens_total=self.student_tokens,
         )
         for hook in self._hooks():
             hook.on_batch_built(self.trainer, plan, batch)
