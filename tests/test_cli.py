@@ -63,11 +63,11 @@ def test_baseline_runs_a_few_steps(name: str, tmp_path: Path, capsys: pytest.Cap
 
 
 def test_console_script_help() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "lit_zpd.cli", "fit", "--help"], capture_output=True, text=True, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    assert "--model.loss.jsd_beta" in result.stdout
+    """``--help`` documents the keys, including the fields of the loss configuration."""
+    for args, key in ((["fit", "--help"], "--data.samples_per_prompt"), (["fit", "--model.loss.help"], "--model.loss.jsd_beta")):
+        result = subprocess.run([sys.executable, "-m", "lit_zpd.cli", *args], capture_output=True, text=True, check=False)
+        assert result.returncode == 0, result.stderr
+        assert key in result.stdout
 
 
 @pytest.mark.parametrize(
