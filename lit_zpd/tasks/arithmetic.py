@@ -13,11 +13,10 @@ problem whatever sizes are asked for.
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Callable, Iterator
 
-from lit_zpd.tasks.problem import Problem, ProblemSource, Split, cap_per_skill
+from lit_zpd.tasks.problem import Problem, ProblemSource, Split, cap_per_skill, hash_split
 
 SKILL_GRAPH: dict[str, list[str]] = {
     "add_1digit": [],
@@ -198,13 +197,7 @@ class ArithmeticCurriculum(ProblemSource):
         return {skill: list(prereqs) for skill, prereqs in SKILL_GRAPH.items()}
 
     def split_of(self, expression: str) -> Split:
-        digest = hashlib.sha256(f"{self.seed}:{expression}".encode()).digest()
-        u = int.from_bytes(digest[:8], "big") / 2**64
-        if u < self.validation_fraction:
-            return "validation"
-        if u < self.validation_fraction + self.test_fraction:
-            return "test"
-        return "train"
+        return hash_split(expression, self.seed, self.validation_fraction, self.test_fraction)
 
     def problems(self, split: Split) -> list[Problem]:
         if self._cache is None:

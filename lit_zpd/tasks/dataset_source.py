@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lit_zpd.tasks.problem import SPLITS, Problem, ProblemSource, Split, cap_per_skill
+from lit_zpd.tasks.problem import SPLITS, Problem, ProblemSource, Split, cap_per_skill, hash_split
 from lit_zpd.tasks.verifier import EXTRACTORS, AnswerExtractor, extract_boxed, normalize_answer
 
 if TYPE_CHECKING:
@@ -166,13 +166,7 @@ class DatasetSource(ProblemSource):
 
     def split_of(self, prompt: str) -> Split:
         """The split a train row with this prompt column is carved into, if that split is missing."""
-        digest = hashlib.sha256(f"{self.seed}:{prompt}".encode()).digest()
-        u = int.from_bytes(digest[:8], "big") / 2**64
-        if u < self.validation_fraction:
-            return "validation"
-        if u < self.validation_fraction + self.test_fraction:
-            return "test"
-        return "train"
+        return hash_split(prompt, self.seed, self.validation_fraction, self.test_fraction)
 
     def _split_file(self, split: str, source: str) -> Path | None:
         """The data file a ``splits`` entry names, or ``None`` when it names a split instead."""

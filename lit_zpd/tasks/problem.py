@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -47,6 +48,17 @@ class ProblemSource(ABC):
 
     def skills(self) -> list[str]:
         return list(self.skill_graph())
+
+
+def hash_split(key: str, seed: int, validation_fraction: float, test_fraction: float) -> Split:
+    """The split of a problem keyed by ``key``: a hash, so it never depends on what else is drawn."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    if u < validation_fraction:
+        return "validation"
+    if u < validation_fraction + test_fraction:
+        return "test"
+    return "train"
 
 
 def cap_per_skill(problems: list[Problem], cap: int) -> list[Problem]:
