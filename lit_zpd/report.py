@@ -24,7 +24,8 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, float]:
     out |= {f"mean_at_k/{k}": sum(v) / len(v) for k, v in sampled.items()}
     if sampled["all"]:
         out["partial_fraction"] = sum(0 < p < 1 for p in sampled["all"]) / len(sampled["all"])
-    return out
+    # Group rows by metric, skills in the order met, the overall value last.
+    return dict(sorted(out.items(), key=lambda kv: (kv[0].split("/")[0], kv[0].endswith("/all"))))
 
 
 def accuracy_table(columns: dict[str, dict[str, float]]) -> str:

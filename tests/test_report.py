@@ -1,0 +1,36 @@
+"""Accuracy summaries of evaluation batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lit_zpd.report import accuracy_table, summarize
+
+
+def test_summarize_per_skill_overall_and_partial_fraction() -> None:
+    batches = [
+        {"skills": ["b", "a"], "greedy_correct": torch.tensor([1.0, 0.0]), "sample_pass_rate": torch.tensor([0.5, 0.0])},
+        {"skills": ["b"], "greedy_correct": torch.tensor([0.0]), "sample_pass_rate": torch.tensor([1.0])},
+    ]
+    out = summarize(batches)
+    assert list(out) == [
+        "greedy/b", "greedy/a", "greedy/all", "mean_at_k/b", "mean_at_k/a", "mean_at_k/all", "partial_fraction",
+    ]
+    assert out["greedy/b"] == pytest.approx(0.5)
+    assert out["greedy/all"] == pytest.approx(1 / 3)
+    assert out["mean_at_k/b"] == pytest.approx(0.75)
+    assert out["partial_fraction"] == pytest.approx(1 / 3)  # only the 0.5 pass rate is strictly inside (0, 1)
+
+
+def test_greedy_only_batches_have_no_sampled_metrics() -> None:
+    out = summarize([{"skills": ["a"], "greedy_correct": torch.tensor([1.0])}])
+    assert out == {"greedy/a": 1.0, "greedy/all": 1.0}
+
+
+def test_table_marks_missing_cells() -> None:
+    text = accuracy_table({"teacher": {"greedy/all": 1.0, "partial_fraction": 0.1}, "student": {"greedy/all": 0.25}})
+    lines = text.splitlines()
+    assert "teacher" in lines[0] and "student" in lines[0]
+    assert lines[2].split() == ["greedy/all", "1.000", "0.250"]
+    assert lines[3].split() == ["partial_fraction", "0.100", "-"]
