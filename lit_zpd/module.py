@@ -90,6 +90,13 @@ class LossConfig:
             raise ValueError(f"model.loss.temperature must be > 0, got {self.temperature}")
         if self.chunk_size < 1:
             raise ValueError(f"model.loss.chunk_size must be >= 1, got {self.chunk_size}")
+        if self.aggregation not in ("sample", "token"):
+            raise ValueError(f"model.loss.aggregation must be 'sample' or 'token', got {self.aggregation!r}")
+        for name in ("clip_low", "clip_high"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"model.loss.{name} must be in (0, 1), got {getattr(self, name)}")
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            raise ValueError(f"model.loss.dual_clip must be > 1 or null, got {self.dual_clip}")
 
     @property
     def active(self) -> dict[str, float]:
@@ -163,6 +170,8 @@ class DistillModule(LightningModule):
         loss = loss if loss is not None else LossConfig(sft=1.0)
         if loss.active.keys() & set(TEACHER_TERMS) and teacher is None:
             raise ValueError(f"model.loss uses {sorted(loss.active.keys() & set(TEACHER_TERMS))}: set model.teacher")
+        if num_logged_samples < 0:
+            raise ValueError(f"model.num_logged_samples must be >= 0, got {num_logged_samples}")
         if log_samples_every_n_steps < 1:
             raise ValueError(f"model.log_samples_every_n_steps must be >= 1, got {log_samples_every_n_steps}")
         self.loss_config = loss
@@ -172,6 +181,8 @@ class DistillModule(LightningModule):
         self.log_samples_every_n_steps = log_samples_every_n_steps
         self.num_logged_samples = num_logged_samples
         self.tokenizer = AutoTokenizer.from_pretrained(resolve(tokenizer or student))
+        if self.tokenizer.pad_token is None:  # many causal LM tokenizers ship none; padding is masked anyway
+            self.tokenizer.pad_token = self.tokenizer.eos_token
         self.student = _load_student(resolve(student), init_from_config, init_seed)
         if lora is not None:
             self.student = peft.get_peft_model(
@@ -182,7 +193,6 @@ class DistillModule(LightningModule):
                 ),
             )
         self.teacher = _load_teacher(resolve(teacher), self.tokenizer) if teacher is not None else None
-        self.strict_loading = False  # checkpoints leave the frozen teacher out
         self.eval_metrics = nn.ModuleDict()
         self.start_report: dict[str, dict[str, float]] = {}
         self.end_report: dict[str, dict[str, float]] = {}
@@ -227,6 +237,14 @@ class DistillModule(LightningModule):
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+        checkpoint["start_report"] = self.start_report
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The frozen teacher is not saved; take it from its own directory so loading stays strict.
+        if self.teacher is not None:
+            checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+        self.start_report = checkpoint.get("start_report", {})
 
     # ----------------------------------------------------------------------------- training
 
@@ -343,7 +361,7 @@ class DistillModule(LightningModule):
 
     @override
     def on_train_start(self) -> None:
-        if not self.report_start_end:
+        if not self.report_start_end or self.start_report:  # a resumed run keeps its real start
             return
         models = {"student": self.student} | ({"teacher": self.teacher} if self.teacher is not None else {})
         self.start_report = {name: summarize(self.trainer.datamodule.evaluate(m)) for name, m in models.items()}

@@ -1,6 +1,6 @@
 """The embedded character-level tokenizer, in the Hugging Face format.
 
-One token per printable ASCII character plus newline and tab, and two special tokens. Any
+One token per printable ASCII character plus newline and tab, and three special tokens (padding, end of sequence, unknown). Any
 ``transformers`` code loads it with ``AutoTokenizer.from_pretrained``.
 """
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny Qwen2 student and teacher on the embedded character tokenizer."""
+"""Shared fixtures: a tiny Qwen3 student and teacher on the embedded character tokenizer."""
 
 from __future__ import annotations
 

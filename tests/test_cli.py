@@ -29,9 +29,10 @@ def test_every_config_instantiates(config: Path) -> None:
     assert isinstance(cli.datamodule, RolloutDataModule)
 
 
-def test_unknown_key_is_named() -> None:
+def test_unknown_key_is_named(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["--config", str(ROOT / "configs" / "sft.yaml"), "--model.loss.not_a_term=1"], run=False)
+    assert "not_a_term" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", BASELINES)

@@ -153,6 +153,7 @@ class RecordingData:
 
     def __init__(self) -> None:
         self.prompts: list[list[int]] = []
+        self.student_tokens = 0
 
     def engine_for(self, model: Any) -> Any:
         return self
@@ -175,6 +176,7 @@ def test_stale_estimates_are_measured_again() -> None:
     hook.on_rollout_scored(trainer, plan, [group("a", [0]), group("b", [0]), group("c", [0])])
     assert data.prompts == [[ord(c) for c in "a?"], [ord(c) for c in "c?"]]  # b is one step old: reused
     assert hook.estimates == {"a": (1.0, 2, 4), "b": (0.5, 8, 3), "c": (1.0, 2, 4)}
+    assert data.student_tokens == 2 * 2  # two problems x K = 2 one-token completions join the budget
 
 
 def test_state_round_trip() -> None:

@@ -45,6 +45,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from typing_extensions import override
 
+from lit_zpd.rollout.datamodule import seeded
 from lit_zpd.rollout.engine import SamplingConfig
 from lit_zpd.rollout.plan import PromptSpec, RolloutGroup, RolloutHook, RolloutPlan
 from lit_zpd.tasks.problem import Problem
@@ -177,10 +178,10 @@ class BetaKernelWeighting(Callback, RolloutHook):
             temperature=self.temperature, max_new_tokens=self.max_new_tokens or data.sampling.max_new_tokens
         )
         prompts = [module.tokenize(p.prompt) for p in stale.values()]
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed((data.seed * 1_000_003 + plan.index) * 31 + 17)
+        with seeded(data.seed, "paced", plan.index):
             completions = data.engine_for(module.student).generate(prompts, self.rollouts_for_pass_rate, sampling)
+        # These are student rollouts too: they count toward the run's rollout budget.
+        data.student_tokens += sum(len(c.token_ids) for samples in completions for c in samples)
         for problem, samples in zip(stale.values(), completions):
             group = data.score(PromptSpec(problem), [c.token_ids for c in samples])
             self.estimates[problem.problem_id] = (group.pass_rate, len(samples), step)

@@ -19,10 +19,11 @@ loss's importance ratio against the sampling log-probs corrects it. The unserved
 
 from __future__ import annotations
 
+import hashlib
+import os
 import random
 import time
 from contextlib import contextmanager
-from functools import lru_cache
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -89,7 +90,8 @@ class RolloutDataModule(LightningDataModule):
         eval_samples: ``k`` for the mean accuracy over ``k`` samples at validation.
         eval_sampling: Sampling for that mean; greedy accuracy is always measured too.
         eval_batch_size: Problems per validation batch.
-        seed: Seeds problem order, on/off-policy choice and sampling noise.
+        seed: Seeds problem order, on/off-policy choice and sampling noise; ``None`` takes the
+            run's ``seed_everything`` (0 when there is none).
 
     Example::
 
@@ -117,7 +119,7 @@ class RolloutDataModule(LightningDataModule):
         eval_samples: int = 8,
         eval_sampling: SamplingConfig = SamplingConfig(temperature=1.0),
         eval_batch_size: int = 64,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -134,6 +136,8 @@ class RolloutDataModule(LightningDataModule):
             raise ValueError(f"data.eval_samples must be >= 0, got {eval_samples}")
         if lmbda is not None and not 0.0 <= lmbda <= 1.0:
             raise ValueError(f"data.lmbda must be in [0, 1], got {lmbda}")
+        if data_source not in ("student", "teacher", "reference"):
+            raise ValueError(f"data.data_source must be 'student', 'teacher' or 'reference', got {data_source!r}")
         if off_policy_source == "student":
             raise ValueError("data.off_policy_source must be 'teacher' or 'reference'")
         if advantage_estimator not in ("grpo", "reinforce_pp"):
@@ -161,7 +165,7 @@ class RolloutDataModule(LightningDataModule):
         self.eval_samples = eval_samples
         self.eval_sampling = eval_sampling
         self.eval_batch_size = eval_batch_size
-        self.seed = seed
+        self.seed = seed if seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
         self.batches_consumed = 0
         self.student_tokens = 0  # completion tokens of training rollouts sampled from the student: the RL budget
         self._train: list[Problem] = []
@@ -176,6 +180,7 @@ class RolloutDataModule(LightningDataModule):
     @override
     def setup(self, stage: str) -> None:
         self._train = self.source.problems("train")
+        self._orders: dict[int, list[int]] = {}
         if not self._train:
             raise ValueError("data.source has no training problems")
 
@@ -261,11 +266,12 @@ class RolloutDataModule(LightningDataModule):
             out.append(self._train[self._epoch_order(epoch)[offset]])
         return out
 
-    @lru_cache(maxsize=2)  # noqa: B019 - the data module lives as long as the run
     def _epoch_order(self, epoch: int) -> list[int]:
-        order = list(range(len(self._train)))
-        random.Random(f"{self.seed}:epoch:{epoch}").shuffle(order)
-        return order
+        if epoch not in self._orders:
+            order = list(range(len(self._train)))
+            random.Random(f"{self.seed}:epoch:{epoch}").shuffle(order)
+            self._orders = {epoch: order}  # batches walk forward: one epoch's order at a time
+        return self._orders[epoch]
 
     def source_for(self, index: int) -> DataSource:
         if self.lmbda is None:
@@ -320,7 +326,7 @@ class RolloutDataModule(LightningDataModule):
         for hook in self._hooks():
             hook.on_rollout_plan(self.trainer, plan)
         self._sync_seconds = 0.0
-        with _seeded(self.seed * 1_000_003 + index):
+        with seeded(self.seed, "rollout", index):
             groups = self._respond(plan, module)
             # Hooks sample inside the seeded block (e.g. a teacher), so their draws repeat on resume.
             extra = [spec for hook in self._hooks() for spec in hook.on_rollout_augment(self.trainer, plan, groups)]
@@ -410,7 +416,7 @@ class RolloutDataModule(LightningDataModule):
             "prompts": [p.prompt for p in problems],
         }
         if self.eval_samples:
-            with _seeded(self.seed + 7_919):
+            with seeded(self.seed, "eval"):
                 sampled = engine.generate(prompts, self.eval_samples, self.eval_sampling)
             out["sample_pass_rate"] = torch.tensor(
                 [
@@ -449,9 +455,14 @@ def _keep_correct(group: RolloutGroup) -> RolloutGroup:
 
 
 @contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Seed torch's global generator for a block and restore it after (sampling noise per batch)."""
+def seeded(*keys: object) -> Iterator[None]:
+    """Seed torch's global generator from ``keys`` for a block and restore it after.
+
+    The seed is a hash of the keys, so streams with different keys (``(seed, "rollout", t)``,
+    ``(seed, "eval")``, a callback's own) never coincide.
+    """
+    digest = hashlib.sha256(repr(keys).encode()).digest()
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+        torch.manual_seed(int.from_bytes(digest[:8], "big"))
         yield
