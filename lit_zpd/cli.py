@@ -54,5 +54,11 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     )
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """The ``lit-zpd`` console script. Returns nothing, so the process exits 0 on success
+    (a returned object would become the exit status)."""
     main()
+
+
+if __name__ == "__main__":
+    console_main()

@@ -103,3 +103,18 @@ def test_baseline_runs_on_vllm(name: str, tmp_path: Path, capsys: pytest.Capture
         ]
     )
     assert "student (end)" in capsys.readouterr().out
+
+
+def test_console_script_exits_zero(tmp_path: Path) -> None:
+    """The installed ``lit-zpd`` command exits 0 after a successful run."""
+    script = Path(sys.executable).parent / "lit-zpd"
+    if not script.exists():
+        pytest.skip("lit-zpd is not installed in this environment")
+    result = subprocess.run(
+        [str(script), "fit", f"--config={ROOT / 'configs' / 'sft.yaml'}", "--trainer.max_steps=1",
+         "--trainer.val_check_interval=1", "--trainer.enable_progress_bar=false", "--model.report_start_end=false",
+         "--data.eval_samples=0", f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+         "--data.source=lit_zpd.tasks.ArithmeticCurriculum", "--data.source.max_eval_per_skill=1"],
+        capture_output=True, text=True, check=False, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
