@@ -35,7 +35,7 @@ def test_unknown_key_is_named(capsys: pytest.CaptureFixture[str]) -> None:
     assert "not_a_term" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", BASELINES)
+@pytest.mark.parametrize("name", [*BASELINES, "zppo", "paced"])
 def test_baseline_runs_a_few_steps(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     main(
         [
