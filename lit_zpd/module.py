@@ -35,7 +35,7 @@ from lit_zpd.losses import (
     clipped_policy_loss,
     sampled_token_kl_advantage,
 )
-from lit_zpd.report import accuracy_table, summarize
+from lit_zpd.report import accuracy_table, forgetting, solved, summarize
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 TEACHER_TERMS = (*DIVERGENCES, "on_policy_distill")
@@ -196,6 +196,7 @@ class DistillModule(LightningModule):
         self.eval_metrics = nn.ModuleDict()
         self.start_report: dict[str, dict[str, float]] = {}
         self.end_report: dict[str, dict[str, float]] = {}
+        self.start_solved: list[str] = []  # validation problems the student solved greedily at the start
 
     # ----------------------------------------------------------------------------- helpers
 
@@ -238,6 +239,7 @@ class DistillModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
         checkpoint["start_report"] = self.start_report
+        checkpoint["start_solved"] = self.start_solved
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -245,6 +247,7 @@ class DistillModule(LightningModule):
         if self.teacher is not None:
             checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
         self.start_report = checkpoint.get("start_report", {})
+        self.start_solved = checkpoint.get("start_solved", [])
 
     # ----------------------------------------------------------------------------- training
 
@@ -364,7 +367,9 @@ class DistillModule(LightningModule):
         if not self.report_start_end or self.start_report:  # a resumed run keeps its real start
             return
         models = {"student": self.student} | ({"teacher": self.teacher} if self.teacher is not None else {})
-        self.start_report = {name: summarize(self.trainer.datamodule.evaluate(m)) for name, m in models.items()}
+        results = {name: self.trainer.datamodule.evaluate(m) for name, m in models.items()}
+        self.start_report = {name: summarize(r) for name, r in results.items()}
+        self.start_solved = solved(results["student"])
         self._log_report("start", self.start_report)
         self.print(accuracy_table({f"{n} (start)": r for n, r in self.start_report.items()}))
 
@@ -372,7 +377,9 @@ class DistillModule(LightningModule):
     def on_train_end(self) -> None:
         if not self.report_start_end:
             return
-        self.end_report = {"student": summarize(self.trainer.datamodule.evaluate(self.student))}
+        results = self.trainer.datamodule.evaluate(self.student)
+        # Forgetting: of the problems solved at the start, the share the student now fails.
+        self.end_report = {"student": summarize(results) | forgetting(self.start_solved, results)}
         self._log_report("end", self.end_report)
         columns = {f"{n} (start)": r for n, r in self.start_report.items()} | {"student (end)": self.end_report["student"]}
         self.print(accuracy_table(columns))

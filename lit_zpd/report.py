@@ -28,6 +28,30 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, float]:
     return dict(sorted(out.items(), key=lambda kv: (kv[0].split("/")[0], kv[0].endswith("/all"))))
 
 
+def solved(results: list[dict[str, Any]]) -> list[str]:
+    """Problem ids solved greedily in :meth:`RolloutDataModule.evaluate` results, sorted."""
+    return sorted(pid for b in results for pid, ok in zip(b["problem_ids"], b["greedy_correct"]) if ok)
+
+
+def forgetting(solved_before: list[str], results: list[dict[str, Any]]) -> dict[str, float]:
+    """Share of the problems solved greedily before that the model now fails, per skill and overall.
+
+    ``{"forgotten/<skill>": share, ..., "forgotten/all": share, "solved_before/all": count}``;
+    skills without a problem solved before are left out (nothing there to forget).
+    """
+    before = set(solved_before)
+    lost: dict[str, list[float]] = defaultdict(list)
+    for batch in results:
+        for pid, skill, ok in zip(batch["problem_ids"], batch["skills"], batch["greedy_correct"]):
+            if pid in before:
+                for key in (skill, "all"):
+                    lost[key].append(0.0 if ok else 1.0)
+    out = {f"forgotten/{k}": sum(v) / len(v) for k, v in lost.items() if k != "all"}
+    out["forgotten/all"] = sum(lost["all"]) / len(lost["all"]) if lost["all"] else 0.0
+    out["solved_before/all"] = float(len(lost["all"]))
+    return out
+
+
 def accuracy_table(columns: dict[str, dict[str, float]]) -> str:
     """A plain-text table: one row per metric, one column per model or moment."""
     keys = list(dict.fromkeys(k for summary in columns.values() for k in summary))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lit_zpd.report import accuracy_table, summarize
+from lit_zpd.report import accuracy_table, forgetting, solved, summarize
 
 
 def test_summarize_per_skill_overall_and_partial_fraction() -> None:
@@ -34,3 +34,14 @@ def test_table_marks_missing_cells() -> None:
     assert "teacher" in lines[0] and "student" in lines[0]
     assert lines[2].split() == ["greedy/all", "1.000", "0.250"]
     assert lines[3].split() == ["partial_fraction", "0.100", "-"]
+
+
+def test_forgetting_counts_only_problems_solved_before() -> None:
+    def results(correct: list[float]) -> list[dict]:
+        return [{"problem_ids": ["p1", "p2", "p3", "p4"], "skills": ["a", "a", "b", "c"], "greedy_correct": torch.tensor(correct)}]
+
+    before = solved(results([1.0, 1.0, 1.0, 0.0]))
+    assert before == ["p1", "p2", "p3"]
+    out = forgetting(before, results([0.0, 1.0, 1.0, 1.0]))  # p1 forgotten; p4 newly solved does not count
+    assert out == {"forgotten/a": 0.5, "forgotten/b": 0.0, "forgotten/all": pytest.approx(1 / 3), "solved_before/all": 3.0}
+    assert forgetting([], results([1.0, 1.0, 1.0, 1.0])) == {"forgotten/all": 0.0, "solved_before/all": 0.0}

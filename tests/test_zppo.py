@@ -274,7 +274,18 @@ class BatchLog(Callback):
         self.steps.append(trainer.global_step)
 
 
-def test_ppo_minibatches_serve_one_rollout_over_several_steps(tiny_student: str) -> None:
+def fake_verifier(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A random tiny model never solves a problem; reward odd-length responses instead, so groups
+    have a spread (non-zero advantages), problems graduate and random teachers enable BCQ."""
+    reward = lambda text, answer: float(len(text) % 2)  # noqa: E731
+    monkeypatch.setattr("lit_zpd.rollout.datamodule.score_response", reward)
+    monkeypatch.setattr("lit_zpd.callbacks.replay_graduation.score_response", reward)
+
+
+def test_ppo_minibatches_serve_one_rollout_over_several_steps(
+    tiny_student: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_verifier(monkeypatch)
     module = DistillModule(
         student=tiny_student, teacher=None, loss=LossConfig(policy=1.0, sft=0.0), report_start_end=False
     )
@@ -293,6 +304,7 @@ def test_ppo_minibatches_serve_one_rollout_over_several_steps(tiny_student: str)
     rewards = torch.cat([b[0]["rewards"], b[1]["rewards"]])
     advantages = torch.cat([b[0]["advantages"], b[1]["advantages"]])
     assert torch.allclose(advantages, reinforce_pp_advantages(rewards, rows))
+    assert advantages.abs().sum() > 0  # the minibatch policy-gradient path is exercised
 
 
 # ----------------------------------------------------------------------------- Trainer runs
@@ -347,7 +359,7 @@ def resumable_run(
     student: str, teacher: str, steps: int, root: Path, ckpt_path: str | None = None
 ) -> tuple[DistillModule, ReplayGraduationCallback, BatchLog]:
     seed_everything(0)
-    cb = ReplayGraduationCallback(capacity=4, augment_ratio=0.5, teacher_samples=2)
+    cb = ReplayGraduationCallback(capacity=1, augment_ratio=0.5, teacher_samples=2)
     log = BatchLog()
     trainer = Trainer(
         max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
@@ -360,7 +372,10 @@ def resumable_run(
     return module, cb, log
 
 
-def test_resume_mid_rollout_matches_uninterrupted_run(tiny_student: str, tiny_teacher: str, tmp_path: Path) -> None:
+def test_resume_mid_rollout_matches_uninterrupted_run(
+    tiny_student: str, tiny_teacher: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_verifier(monkeypatch)
     full, full_cb, full_log = resumable_run(tiny_student, tiny_teacher, 6, tmp_path / "full")
     _, stopped_cb, _ = resumable_run(tiny_student, tiny_teacher, 3, tmp_path / "first")
     assert stopped_cb.state_dict() != full_cb.state_dict()
@@ -375,5 +390,7 @@ def test_resume_mid_rollout_matches_uninterrupted_run(tiny_student: str, tiny_te
             assert torch.equal(a[key], b[key]) if isinstance(a[key], torch.Tensor) else a[key] == b[key], key
     assert full_cb.state_dict() == resumed_cb.state_dict()  # buffer contents, order, counters, RNG
     assert list(full_cb.buffer) == list(resumed_cb.buffer) and full_cb.evictions > 0
+    assert any("bcq" in b["kinds"] for b in full_log.batches)
+    assert any(b["advantages"].abs().sum() > 0 for b in full_log.batches[3:])
     for (name, a), b in zip(full.student.state_dict().items(), resumed.student.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), name

@@ -410,6 +410,7 @@ class RolloutDataModule(LightningDataModule):
             for p, g in zip(problems, greedy)
         ]
         out: dict[str, Any] = {
+            "problem_ids": [p.problem_id for p in problems],
             "skills": [p.skill for p in problems],
             "greedy_correct": torch.tensor(greedy_correct),
             "greedy_texts": [tok.decode(g[0].token_ids, skip_special_tokens=True) for g in greedy],
