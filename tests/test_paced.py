@@ -249,6 +249,23 @@ def test_schedule_arguments_are_checked() -> None:
         KLSchedule(before=ScheduleStage(loss={"policy": 1.0}, data_source="teacher"), switch_at_step=1)
 
 
+def test_a_stage_can_set_the_aggregation_from_yaml() -> None:
+    from jsonargparse import ArgumentParser
+
+    from lit_zpd.callbacks.kl_schedule import stage_loss
+
+    parser = ArgumentParser()
+    parser.add_argument("--stage", type=ScheduleStage)
+    stage = parser.instantiate_classes(
+        parser.parse_args(["--stage", '{"loss": {"reverse_kl": 1, "aggregation": "token"}, "data_source": "student"}'])
+    ).stage
+    assert stage.loss == {"reverse_kl": 1.0, "aggregation": "token"}
+    loss = stage_loss(LossConfig(forward_kl=1.0, aggregation="sample"), stage)
+    assert loss.aggregation == "token" and loss.active == {"reverse_kl": 1.0}
+    with pytest.raises(ValueError, match="after.loss is invalid"):
+        KLSchedule(after=ScheduleStage(loss={"reverse_kl": 1.0, "aggregation": "tokens"}), switch_at_step=1)
+
+
 def test_schedule_state_round_trip() -> None:
     schedule = KLSchedule(switch_at_step=5)
     schedule.switched, schedule.switched_at_step = True, 5

@@ -56,13 +56,14 @@ class ScheduleStage:
 
     Args:
         loss: Coefficients of the stage's loss terms (``sft``, ``forward_kl``, ``reverse_kl``,
-            ``jsd``, ``policy``, ``on_policy_distill``); terms not named are 0. Numeric
+            ``jsd``, ``policy``, ``on_policy_distill``); terms not named are 0. The other
             :class:`~lit_zpd.module.LossConfig` settings (``jsd_beta``, ``temperature``,
-            ``clip_low``, ...) may be named too; those not named keep the model's values.
+            ``clip_low``, ``aggregation``, ...) may be named too; those not named keep the
+            model's values.
         data_source: Who writes the responses: ``student``, ``teacher`` or ``reference``.
     """
 
-    loss: dict[str, float]
+    loss: dict[str, float | str]
     data_source: DataSource = "student"
 
 
