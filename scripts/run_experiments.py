@@ -39,6 +39,8 @@ def run(name: str, overrides: list[str]) -> dict[str, object]:
         "start": module.start_report["student"],
         "end": module.end_report["student"],
         "teacher": module.start_report.get("teacher", {}),
+        # Callbacks that keep run-level counters (e.g. the ZPPO replay buffer) report them too.
+        "callbacks": {type(c).__name__: c.summary() for c in cli.trainer.callbacks if hasattr(c, "summary")},
     }
 
 
@@ -61,7 +63,12 @@ def table(results: list[dict[str, object]]) -> str:
     if teacher:
         cells = [f"{teacher[f'greedy/{s}']:.2f}" for s in skills]
         rows.append("| teacher (reference) | | | | " + " | ".join(cells) + f" | {teacher['mean_at_k/all']:.2f} | |")
-    return "\n".join([head, rule, *rows])
+    notes = [
+        f"- {r['name']}, {name}: " + ", ".join(f"{k} {v:g}" for k, v in summary.items())
+        for r in results
+        for name, summary in r["callbacks"].items()
+    ]
+    return "\n".join([head, rule, *rows] + (["", *notes] if notes else []))
 
 
 if __name__ == "__main__":

@@ -158,14 +158,7 @@ class ReplayGraduationCallback(Callback, RolloutHook):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        metrics = {
-            "replay/buffer_size": float(len(self.buffer)),
-            "replay/admissions": float(self.admissions),
-            "replay/graduations": float(self.graduations),
-            "replay/evictions": float(self.evictions),
-        }
-        if self.graduations:
-            metrics["replay/mean_visits_before_graduation"] = self.graduation_visits / self.graduations
+        metrics = {f"replay/{k}": v for k, v in self.summary().items()}
         metrics |= {f"replay/step_{k}": v for k, v in self._step_counts.items()}
         self._step_counts = {}
         pl_module.log_dict(metrics, batch_size=1)
@@ -263,6 +256,18 @@ class ReplayGraduationCallback(Callback, RolloutHook):
                 for event in self.observe(group.spec.problem, group.pass_rate, plan.index):
                     counts[event] += 1
         self._step_counts |= {k: float(v) for k, v in counts.items()}
+
+    def summary(self) -> dict[str, float]:
+        """The buffer's counters so far: size, admissions, graduations, evictions, mean visits."""
+        out = {
+            "buffer_size": float(len(self.buffer)),
+            "admissions": float(self.admissions),
+            "graduations": float(self.graduations),
+            "evictions": float(self.evictions),
+        }
+        if self.graduations:
+            out["mean_visits_before_graduation"] = self.graduation_visits / self.graduations
+        return out
 
     # ----------------------------------------------------------------------------- buffer
 
