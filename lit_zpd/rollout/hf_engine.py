@@ -34,16 +34,31 @@ class HFEngine(RolloutEngine):
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingConfig) -> list[list[Completion]]:
-        prompts_per_call = max(1, self.batch_size // n)
         was_training = self.model.training
         self.model.eval()
         try:
-            out: list[list[Completion]] = []
-            for i in range(0, len(prompts), prompts_per_call):
-                out.extend(self._generate_batch(prompts[i : i + prompts_per_call], n, sampling))
+            out: list[list[Completion]] = [[] for _ in prompts]
+            for call in self._calls(prompts, n):
+                for i, completions in zip(call, self._generate_batch([prompts[i] for i in call], n, sampling)):
+                    out[i] = completions
             return out
         finally:
             self.model.train(was_training)
+
+    def _calls(self, prompts: list[list[int]], n: int) -> list[list[int]]:
+        """Prompt indices per ``generate`` call: at most ``batch_size // n`` prompts, sorted by
+        length, and a new call whenever a prompt is over twice the shortest of the call, so that
+        left padding stays under half of each row (a few long reformulated prompts would
+        otherwise make every short one pay for their length)."""
+        per_call = max(1, self.batch_size // n)
+        calls: list[list[int]] = []
+        for i in sorted(range(len(prompts)), key=lambda i: len(prompts[i])):
+            call = calls[-1] if calls else None
+            if call is None or len(call) == per_call or len(prompts[i]) > 2 * max(1, len(prompts[call[0]])):
+                calls.append([i])
+            else:
+                call.append(i)
+        return calls
 
     def _generate_batch(self, prompts: list[list[int]], n: int, sampling: SamplingConfig) -> list[list[Completion]]:
         device = next(self.model.parameters()).device
