@@ -335,10 +335,14 @@ class DistillModule(LightningModule):
         writer.add_histogram("rollout/pass_rate", pass_rate, self.global_step)
         writer.add_histogram("rollout/response_length", lengths, self.global_step)
         writer.add_histogram("train/sample_weight", batch["weights"], self.global_step)
-        rows = range(min(self.num_logged_samples, size))
+        # One row of every kind first (plain, bcq, ncq, ...), so reformulated prompts show up too.
+        kinds = batch["kinds"]
+        first = list(dict.fromkeys(kinds.index(k) for k in kinds))
+        rows = (first + [i for i in range(size) if i not in first])[: self.num_logged_samples]
         text = "\n\n".join(
-            f"**{batch['problem_ids'][i]}** ({batch['kinds'][i]}, reward {batch['rewards'][i]:.0f})\n\n"
-            f"```\n{batch['completions'][i]}\n```"
+            f"**{batch['problem_ids'][i]}** ({kinds[i]}, reward {batch['rewards'][i]:.0f})\n\n"
+            + (f"prompt:\n```\n{batch['prompts'][i]}\n```\ncompletion:\n" if "prompts" in batch else "")
+            + f"```\n{batch['completions'][i]}\n```"
             for i in rows
         )
         writer.add_text(f"rollout/samples_{batch['source']}", text, self.global_step)

@@ -348,6 +348,10 @@ def test_trainer_run_logs_replay_metrics_and_rolls_out_ncq(
     expected = {"replay/buffer_size", "replay/admissions", "replay/step_ncq", "replay/step_replayed"}
     assert expected <= set(events.Tags()["scalars"])
     assert "replay/age" in events.Tags()["histograms"]
+    # The decoded samples of step 0 include an NCQ row with its reformulated prompt.
+    (sample_text,) = events.Tensors("rollout/samples_student/text_summary")
+    text = sample_text.tensor_proto.string_val[0].decode()
+    assert "(ncq, reward" in text and "Now solve the problem." in text  # the NCQ template
 
 
 def test_bcq_needs_a_teacher(tiny_student: str) -> None:

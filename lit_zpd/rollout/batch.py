@@ -45,8 +45,8 @@ def build_batch(
         ``teacher_response_mask``: the same completions after the teacher's prompt (the same
         tensors when no group has a privileged context); ``sampling_logprobs`` (B, T) aligned with
         ``input_ids`` (present for student rollouts); ``rewards``, ``advantages``, ``weights``,
-        ``pass_rate``, ``group_index`` (B,); ``problem_ids``, ``skills``, ``kinds``,
-        ``completions`` (lists of B strings).
+        ``pass_rate``, ``group_index`` (B,); ``problem_ids``, ``skills``, ``kinds``, ``prompts``
+        (the student's prompt text), ``completions`` (lists of B strings).
     """
     rows = [(g, i) for g in groups for i in range(len(g.token_ids))]
     group_index = [k for k, g in enumerate(groups) for _ in g.token_ids]
@@ -66,6 +66,7 @@ def build_batch(
         "problem_ids": [g.spec.problem.problem_id for g, _ in rows],
         "skills": [g.spec.problem.skill for g, _ in rows],
         "kinds": [g.spec.kind for g, _ in rows],
+        "prompts": [g.spec.student_prompt for g, _ in rows],
         "completions": [g.texts[i] for g, i in rows],
     }
     if any(g.spec.teacher_prompt is not None for g in groups):
