@@ -58,7 +58,10 @@ def test_baseline_runs_a_few_steps(name: str, tmp_path: Path, capsys: pytest.Cap
     events = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents.*")).parent))
     events.Reload()
     scalars = set(events.Tags()["scalars"])
-    assert {"train/loss", "rollout/reward_mean", "eval/greedy/all", "eval/start/student/greedy/all"} <= scalars
+    assert {
+        "train/loss", "rollout/reward_mean", "eval/greedy/all", "eval/start/student/greedy/all",
+        "eval/end/student/greedy/all", "eval/end/student/forgotten/all",
+    } <= scalars
     assert "rollout/pass_rate" in events.Tags()["histograms"]
     assert any(tag.startswith("rollout/samples") for tag in events.Tags()["tensors"])
 
