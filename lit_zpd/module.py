@@ -337,7 +337,7 @@ class DistillModule(LightningModule):
         writer.add_histogram("train/sample_weight", batch["weights"], self.global_step)
         # One row of every kind first (plain, bcq, ncq, ...), so reformulated prompts show up too.
         kinds = batch["kinds"]
-        first = list(dict.fromkeys(kinds.index(k) for k in kinds))
+        first = [kinds.index(k) for k in dict.fromkeys(kinds)]
         rows = (first + [i for i in range(size) if i not in first])[: self.num_logged_samples]
         text = "\n\n".join(
             f"**{batch['problem_ids'][i]}** ({kinds[i]}, reward {batch['rewards'][i]:.0f})\n\n"

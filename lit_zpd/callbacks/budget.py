@@ -42,6 +42,5 @@ class StudentTokenBudget(Callback):
         spent = getattr(data, "student_tokens", None)
         if spent is None:
             raise TypeError("StudentTokenBudget needs a data module that counts student_tokens (RolloutDataModule)")
-        last_minibatch = batch.get("minibatch_index", 0) == getattr(data, "ppo_minibatches", 1) - 1
-        if spent >= self.max_student_tokens and last_minibatch:
+        if spent >= self.max_student_tokens and batch.get("last_minibatch", True):
             trainer.should_stop = True

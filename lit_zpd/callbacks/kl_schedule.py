@@ -172,7 +172,7 @@ class KLSchedule(Callback, RolloutHook):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if batch.get("minibatch_index", 0) + 1 < getattr(trainer.datamodule, "ppo_minibatches", 1):
+        if not batch.get("last_minibatch", True):
             return  # the next minibatch is of the same rollout: its loss must stay that of its data
         self._apply(trainer, self.stage_at(trainer, trainer.global_step), trainer.global_step)
 

@@ -280,7 +280,12 @@ class RolloutDataModule(LightningDataModule):
         return "student" if on_policy else self.off_policy_source
 
     def train_batch(self, index: int) -> dict[str, Any]:
-        """Training batch ``index``: minibatch ``index % ppo_minibatches`` of rollout ``index // ppo_minibatches``."""
+        """Training batch ``index``: minibatch ``index % ppo_minibatches`` of rollout ``index // ppo_minibatches``.
+
+        Besides the rollout's fields it carries ``batch_index``, ``rollout_index``,
+        ``minibatch_index`` and ``last_minibatch`` (True on the rollout's last minibatch: callbacks
+        that act between rollouts, not inside one, check it).
+        """
         rollout_index, part = divmod(index, self.ppo_minibatches)
         if self._minibatches is None or self._minibatches[0] != rollout_index:
             if part:
@@ -290,9 +295,10 @@ class RolloutDataModule(LightningDataModule):
                 )
             self._minibatches = (rollout_index, self._split(self.rollout(rollout_index), rollout_index))
         batch = self._minibatches[1][part] | {
-            "batch_index": index, "rollout_index": rollout_index, "minibatch_index": part
+            "batch_index": index, "rollout_index": rollout_index, "minibatch_index": part,
+            "last_minibatch": part == self.ppo_minibatches - 1,
         }
-        if part == self.ppo_minibatches - 1:
+        if batch["last_minibatch"]:
             self._minibatches = None
         self.batches_consumed = index + 1
         return batch
