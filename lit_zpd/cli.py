@@ -2,16 +2,23 @@
 
 ``lit-zpd fit --config configs/sft.yaml``, ``lit-zpd validate --config ...``,
 ``lit-zpd fit --config configs/sft.yaml --print_config``. Callbacks, including the pedagogical
-ones, are listed under ``trainer.callbacks`` in the YAML.
+ones, are listed under ``trainer.callbacks`` in the YAML. Three more are always configured under
+keys of their own: ``checkpoint`` (ModelCheckpoint), ``report`` (the start/end accuracy report,
+:class:`~lit_zpd.callbacks.report.AccuracyReport`) and ``rollout_log``
+(:class:`~lit_zpd.callbacks.rollout_logging.RolloutLogger`); ``report: null`` or
+``rollout_log: null`` drops one, a ``class_path`` replaces it.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from lit_zpd.callbacks.report import AccuracyReport
+from lit_zpd.callbacks.rollout_logging import RolloutLogger
 from lit_zpd.module import DistillModule
 from lit_zpd.rollout.datamodule import RolloutDataModule
 
@@ -28,13 +35,24 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 }
 
 
+DEFAULT_CALLBACKS: dict[str, type[Callback]] = {"report": AccuracyReport, "rollout_log": RolloutLogger}
+
+
 class LitZpdCLI(LightningCLI):
     """Adds an always-present ``checkpoint`` (ModelCheckpoint) so a crash loses at most
-    ``checkpoint.every_n_train_steps`` steps: resume with ``--ckpt_path .../last.ckpt``."""
+    ``checkpoint.every_n_train_steps`` steps (resume with ``--ckpt_path .../last.ckpt``), and the
+    default callbacks ``report`` and ``rollout_log``, which ``null`` drops."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.every_n_train_steps": 50, "checkpoint.save_last": True})
+        for key, callback in DEFAULT_CALLBACKS.items():
+            parser.add_subclass_arguments(callback, key, required=False, fail_untyped=False)
+            parser.set_defaults({key: {"class_path": f"{callback.__module__}.{callback.__name__}"}})
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        defaults = [self._get(self.config_init, key) for key in DEFAULT_CALLBACKS]
+        return super()._instantiate_trainer(config, callbacks + [c for c in defaults if c is not None])
 
 
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:

@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
+
+from lit_zpd.rollout.batch import EvalBatch
 
 
-def summarize(results: list[dict[str, Any]]) -> dict[str, float]:
-    """Fold evaluation batches into ``{"greedy/<skill>": acc, "mean_at_k/<skill>": acc, ...}``.
+def summarize(results: EvalBatch) -> dict[str, float]:
+    """Fold evaluation results into ``{"greedy/<skill>": acc, "mean_at_k/<skill>": acc, ...}``.
 
     ``<skill>`` includes ``all``. ``partial_fraction`` is the share of problems whose sampled pass
     rate lies strictly between 0 and 1.
     """
     greedy: dict[str, list[float]] = defaultdict(list)
     sampled: dict[str, list[float]] = defaultdict(list)
-    for batch in results:
-        for i, skill in enumerate(batch["skills"]):
-            for key in (skill, "all"):
-                greedy[key].append(float(batch["greedy_correct"][i]))
-                if "sample_pass_rate" in batch:
-                    sampled[key].append(float(batch["sample_pass_rate"][i]))
+    for i, skill in enumerate(results.skills):
+        for key in (skill, "all"):
+            greedy[key].append(float(results.greedy_correct[i]))
+            if results.sample_pass_rate is not None:
+                sampled[key].append(float(results.sample_pass_rate[i]))
     out = {f"greedy/{k}": sum(v) / len(v) for k, v in greedy.items()}
     out |= {f"mean_at_k/{k}": sum(v) / len(v) for k, v in sampled.items()}
     if sampled["all"]:
@@ -28,12 +28,12 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, float]:
     return dict(sorted(out.items(), key=lambda kv: (kv[0].split("/")[0], kv[0].endswith("/all"))))
 
 
-def solved(results: list[dict[str, Any]]) -> list[str]:
-    """Problem ids solved greedily in :meth:`RolloutDataModule.evaluate` results, sorted."""
-    return sorted(pid for b in results for pid, ok in zip(b["problem_ids"], b["greedy_correct"]) if ok)
+def solved(results: EvalBatch) -> list[str]:
+    """Problem ids solved greedily, sorted."""
+    return sorted(pid for pid, ok in zip(results.problem_ids, results.greedy_correct) if ok)
 
 
-def forgetting(solved_before: list[str], results: list[dict[str, Any]]) -> dict[str, float]:
+def forgetting(solved_before: list[str], results: EvalBatch) -> dict[str, float]:
     """Share of the problems solved greedily before that the model now fails, per skill and overall.
 
     ``{"forgotten/<skill>": share, ..., "forgotten/all": share, "solved_before/all": count}``;
@@ -41,11 +41,10 @@ def forgetting(solved_before: list[str], results: list[dict[str, Any]]) -> dict[
     """
     before = set(solved_before)
     lost: dict[str, list[float]] = defaultdict(list)
-    for batch in results:
-        for pid, skill, ok in zip(batch["problem_ids"], batch["skills"], batch["greedy_correct"]):
-            if pid in before:
-                for key in (skill, "all"):
-                    lost[key].append(0.0 if ok else 1.0)
+    for pid, skill, ok in zip(results.problem_ids, results.skills, results.greedy_correct):
+        if pid in before:
+            for key in (skill, "all"):
+                lost[key].append(0.0 if ok else 1.0)
     out = {f"forgotten/{k}": sum(v) / len(v) for k, v in lost.items() if k != "all"}
     out["forgotten/all"] = sum(lost["all"]) / len(lost["all"]) if lost["all"] else 0.0
     out["solved_before/all"] = float(len(lost["all"]))

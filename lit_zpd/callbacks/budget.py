@@ -14,12 +14,13 @@ class StudentTokenBudget(Callback):
 
     Methods that compare at "the same budget" spend it differently: ZPPO samples replayed and
     reformulated prompts besides the new ones, PACED samples the student to estimate pass rates,
-    GKD with ``lmbda < 1`` samples the student on only part of its steps. The data module counts
-    every student token sampled for training (``data.student_tokens``, saved in checkpoints and
-    logged as ``rollout/student_tokens_total``); this callback stops the run after the first
-    optimizer step at which that count reaches the budget, and with ``data.ppo_minibatches > 1``
-    only after the last minibatch of a rollout, so no sampled rollout is left half-trained. Keep
-    ``trainer.max_steps`` as an upper bound (or -1).
+    GKD with ``lmbda < 1`` samples the student on only part of its steps. The rollout pipeline
+    counts every student token sampled for training on every rank (``data.counters``, summed over
+    the ranks once per rollout, saved in checkpoints and logged as
+    ``rollout/student_tokens_total``); this callback stops the run after the first optimizer step
+    at which that count reaches the budget, and with ``data.ppo_minibatches > 1`` only after the
+    last minibatch of a rollout, so no sampled rollout is left half-trained. Ranks agree on the
+    stop (``reduce_boolean_decision``). Keep ``trainer.max_steps`` as an upper bound (or -1).
 
     Args:
         max_student_tokens: The budget; >= 1.
@@ -38,9 +39,9 @@ class StudentTokenBudget(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        data = trainer.datamodule
-        spent = getattr(data, "student_tokens", None)
-        if spent is None:
-            raise TypeError("StudentTokenBudget needs a data module that counts student_tokens (RolloutDataModule)")
-        if spent >= self.max_student_tokens and batch.get("last_minibatch", True):
+        counters = getattr(trainer.datamodule, "counters", None)
+        if counters is None:
+            raise TypeError("StudentTokenBudget needs a data module that counts student tokens (RolloutDataModule)")
+        spent = counters.student_tokens >= self.max_student_tokens and batch.last_minibatch
+        if trainer.strategy.reduce_boolean_decision(spent, all=False):
             trainer.should_stop = True

@@ -5,28 +5,25 @@ first (mode coverage) and reverse KL(p_S || p_T) on the student's own rollouts a
 (consolidation), switching at 50% of training. :class:`KLSchedule` implements any such pair of
 :class:`ScheduleStage` objects.
 
-What it changes (documented module and data settings, nothing else):
+What it changes: the rollout's ``data_source`` and ``loss`` (both declared rollout controls, so no
+other hook may set them). In the plan phase of every rollout it sets ``plan.data_source`` to the
+stage's source (GKD's ``data.lmbda`` mixing is overridden) and ``plan.loss`` to the module's
+``model.loss`` with the stage's coefficients (coefficients the stage does not name are 0; settings
+it names, such as ``jsd_beta`` or ``temperature``, replace the model's, the others are kept). The
+module trains each batch with the loss it carries; nothing of the module or the data module is
+modified.
 
-- ``pl_module.loss_config``: a new :class:`~lit_zpd.module.LossConfig` whose coefficients are the
-  stage's (coefficients the stage does not name are 0); settings the stage names (``jsd_beta``,
-  ``temperature``, ...) are replaced, the others keep the model's YAML values.
-- ``trainer.datamodule.data_source`` to the stage's source, and ``trainer.datamodule.lmbda`` to
-  ``None`` (no GKD mixing while a schedule runs).
-
-When: the batch of optimizer step ``t`` is rolled out in ``on_before_batch_transfer``, before
-``on_train_batch_start``, so the stage of step ``t`` is applied before that rollout: in
-``setup`` and ``on_train_start`` (the first step, and after a resume) and in
-``on_train_batch_end`` of step ``t - 1``, so the data module's plan of step ``t`` already has the
-new source; the ``on_rollout_plan`` hook applies it again and rewrites ``plan.source`` (for
-rollouts requested outside that order). Stage ``after`` trains every batch whose
-``policy_version`` (optimizer steps taken) is at least the switch step, the batch of the switch
-step included. With ``data.ppo_minibatches`` the stage changes only between rollouts, so that the
-minibatches of one rollout keep the loss of their data. The switch is one-way and saved in the
-checkpoint: a run resumed after the switch stays switched even if ``trainer.max_steps`` (and so
+When: stage ``after`` plans every rollout whose ``policy_version`` (optimizer steps taken) is at
+least the switch step. With ``data.ppo_minibatches`` a stage changes only between rollouts, since
+the minibatches of one rollout carry its loss. The switch is one-way and saved in the checkpoint:
+a run resumed after the switch stays switched even if ``trainer.max_steps`` (and so
 ``switch_at_fraction``'s step) changes.
 
-Logs ``train/kl_stage`` (0 before, 1 after) every step and, at the switch, a text note
-``train/kl_stage`` in TensorBoard.
+Stacked with ZPPO's replay, the teacher stage keeps replaying (the replayed problems are answered
+by the teacher and their admission and graduation use the student's measured pass rate); BCQ and
+NCQ prompts, built from the student's own wrong rollouts, start with the student stage.
+
+Logs ``train/kl_stage`` (0 before, 1 after) once per rollout, and a message at the switch.
 """
 
 from __future__ import annotations
@@ -38,11 +35,11 @@ from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lit_zpd.module import DIVERGENCES, ROLLOUT_TERMS, TEACHER_TERMS, LossConfig
+from lit_zpd.loss_config import DIVERGENCES, ROLLOUT_TERMS, TEACHER_TERMS, LossConfig
+from lit_zpd.rollout.context import RolloutContext
 from lit_zpd.rollout.plan import DataSource, RolloutHook, RolloutPlan
 
 COEFFICIENTS = ("sft", *DIVERGENCES, *ROLLOUT_TERMS)
@@ -116,6 +113,7 @@ class KLSchedule(Callback, RolloutHook):
         self.switched = False
         self.switched_at_step: int | None = None
         self.active: StageName = "before"
+        self._switch_step: int | None = None  # switch_step(trainer), fixed at setup
 
     @property
     @override
@@ -134,9 +132,11 @@ class KLSchedule(Callback, RolloutHook):
             raise ValueError("KLSchedule: switch_at_fraction needs trainer.max_steps; or set switch_at_step")
         return math.floor(self.switch_at_fraction * trainer.max_steps + 0.5)
 
-    def stage_at(self, trainer: pl.Trainer, step: int) -> StageName:
-        """The stage that trains optimizer step ``step``."""
-        return "after" if self.switched or step >= self.switch_step(trainer) else "before"
+    def stage_at(self, step: int) -> StageName:
+        """The stage that trains a rollout sampled by the weights after ``step`` optimizer steps."""
+        if self._switch_step is None:
+            raise RuntimeError("KLSchedule: stage_at is known once the trainer has run setup")
+        return "after" if self.switched or step >= self._switch_step else "before"
 
     # ----------------------------------------------------------------------------- hooks
 
@@ -150,31 +150,26 @@ class KLSchedule(Callback, RolloutHook):
                 raise ValueError(
                     f"KLSchedule: {name} uses the teacher ({name}.loss / {name}.data_source): set model.teacher"
                 )
-        self._apply(trainer, self.stage_at(trainer, trainer.global_step), trainer.global_step)
+        self._switch_step = self.switch_step(trainer)
 
     @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._apply(trainer, self.stage_at(trainer, trainer.global_step), trainer.global_step)
+    def rollout_controls(self) -> set[str]:
+        return {"data_source", "loss"}
 
     @override
-    def on_rollout_plan(self, trainer: Any, plan: RolloutPlan) -> None:
-        name = self.stage_at(trainer, plan.policy_version)
-        self._apply(trainer, name, plan.policy_version)
-        plan.source = self._stage(name).data_source
-
-    @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        pl_module.log("train/kl_stage", float(self.active == "after"), batch_size=batch["input_ids"].shape[0])
-
-    @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if not batch.get("last_minibatch", True):
-            return  # the next minibatch is of the same rollout: its loss must stay that of its data
-        self._apply(trainer, self.stage_at(trainer, trainer.global_step), trainer.global_step)
+    def on_plan(self, ctx: RolloutContext, plan: RolloutPlan) -> None:
+        name = self.stage_at(plan.policy_version)
+        stage = self._stage(name)
+        plan.data_source = stage.data_source
+        plan.loss = stage_loss(ctx.loss, stage)
+        plan.metrics["train/kl_stage"] = float(name == "after")
+        self.active = name
+        if name == "after" and not self.switched:
+            self.switched, self.switched_at_step = True, plan.policy_version
+            rank_zero_info(
+                f"KLSchedule: switched to stage 'after' at step {plan.policy_version}: loss {plan.loss.active}, "
+                f"data_source {stage.data_source}"
+            )
 
     # ----------------------------------------------------------------------------- state
 
@@ -192,25 +187,6 @@ class KLSchedule(Callback, RolloutHook):
 
     def _stage(self, name: StageName) -> ScheduleStage:
         return self.before if name == "before" else self.after
-
-    def _apply(self, trainer: Any, name: StageName, step: int) -> None:
-        stage = self._stage(name)
-        module, data = trainer.lightning_module, trainer.datamodule
-        loss = stage_loss(module.loss_config, stage)
-        if module.loss_config != loss:
-            module.loss_config = loss
-        data.data_source = stage.data_source
-        data.lmbda = None
-        self.active = name
-        if name == "after" and not self.switched:
-            self.switched, self.switched_at_step = True, step
-            note = (
-                f"KLSchedule: switched to stage 'after' at step {step}: loss {loss.active}, "
-                f"data_source {stage.data_source}"
-            )
-            rank_zero_info(note)
-            if isinstance(trainer.logger, TensorBoardLogger):
-                trainer.logger.experiment.add_text("train/kl_stage", note, step)
 
 
 def stage_loss(base: LossConfig, stage: ScheduleStage) -> LossConfig:

@@ -1,43 +1,45 @@
 """ZPPO: replay hard problems until they graduate, with BCQ/NCQ reformulations (seed 000).
 
-Per rollout (design steps 1-4), on student (on-policy) batches only:
+Per rollout, in the pipeline's phases (:mod:`lit_zpd.rollout.plan`):
 
-1. ``on_rollout_plan``: add ``round(replay_ratio * |new|)`` problems (rounded half up) drawn
-   uniformly without replacement from the buffer, skipping problems already in the plan, as
-   plain prompts. ``|new|`` is the number of plain prompts in the plan when this hook runs.
-2. ``on_rollout_augment``: the hard problems of this batch (plain pass rate below
+1. plan: add ``round(replay_ratio * |new|)`` problems per rank (rounded half up; ``|new|`` is
+   the rank's drawn problems), drawn uniformly without replacement from the buffer, skipping
+   problems any rank drew new this rollout, as plain prompts marked ``replayed``. The draw comes
+   from a stream seeded by ``(seed, rollout index)``, the same on every rank; rank ``k`` takes every
+   ``W``-th problem from ``k``, so ranks replay disjoint problems.
+2. augment (student rollouts only: the reformulations are built from the student's wrong
+   rollouts): the hard problems of this rank's batch (plain pass rate below
    ``graduation_threshold``, new and replayed alike) are sorted by pass rate; the
    ``round(augment_ratio * |new|)`` hardest get ``teacher_samples`` fresh teacher responses
    (re-sampled at every visit) and are walked in ascending pass rate adding a BCQ (when a teacher
-   response is correct) then an NCQ prompt until that cap is reached. The data module samples
-   them from the student in the same batch as their own groups (kind ``bcq`` / ``ncq``).
-3. ``on_rollout_scored``: plain groups only (never BCQ/NCQ) update the buffer: a problem outside
+   response is correct) then an NCQ prompt until that cap is reached. They are sampled from the
+   student in the same batch as their own groups (kind ``bcq`` / ``ncq``).
+3. observe: the plain groups of every rank (never BCQ/NCQ) update the buffer: a problem outside
    the buffer with a pass rate below the threshold is admitted (the oldest entry is evicted
    beyond ``capacity``); a problem in the buffer counts a visit and graduates (is removed) when
-   its pass rate reaches the threshold.
+   its pass rate reaches the threshold. On teacher or reference batches (a distillation baseline
+   with replay, or a teacher-first KLSchedule stage) the pass rate is the student's, measured by
+   the pipeline (``data.pass_rate``), and replay works the same; only BCQ/NCQ are skipped there.
 
-The buffer holds problems, never responses. All randomness (replay draws, BCQ candidate order)
-comes from one seeded :class:`random.Random` whose state is saved with the buffer; the teacher's
-sampling noise is seeded by the data module per batch.
+The buffer holds problem ids, never responses; its state is plain data, identical on every rank.
+Per-rollout counters go to ``replay/`` once per rollout.
 """
 
 from __future__ import annotations
 
 import math
-import random
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
 from typing_extensions import override
 
+from lit_zpd.rollout.context import RolloutContext
 from lit_zpd.rollout.engine import SamplingConfig
-from lit_zpd.rollout.plan import PromptSpec, RolloutGroup, RolloutHook, RolloutPlan
-from lit_zpd.tasks.problem import Problem
+from lit_zpd.rollout.plan import GroupSummary, PromptSpec, RolloutGroup, RolloutHook, RolloutPlan
 from lit_zpd.tasks.reformulate import (
     CandidateCompressor,
     ReformulationTemplates,
@@ -46,12 +48,10 @@ from lit_zpd.tasks.reformulate import (
     build_bcq,
     build_ncq,
 )
-from lit_zpd.tasks.verifier import score_response
 
 
 @dataclass
 class _Entry:
-    problem: Problem
     admitted_at: int  # rollout index of admission
     visits: int = 0  # plain rollouts of the problem since admission
 
@@ -68,15 +68,13 @@ class ReplayGraduationCallback(Callback, RolloutHook):
         augment_ratio: BCQ + NCQ prompts per new problem, ``rho_aug`` (paper: 0.25); 0 turns the
             reformulations off.
         teacher_samples: ``G_T``, teacher responses per augmented hard problem (paper: 4).
-        teacher_sampling: Sampling of those responses; the data module's ``teacher_sampling``
-            if ``None``.
+        teacher_sampling: Sampling of those responses; ``data.teacher_sampling`` if ``None``.
         bcq: Build BCQ prompts (needs ``model.teacher``).
         ncq: Build NCQ prompts.
         ncq_max_candidates: Wrong responses shown in an NCQ (the first ones); ``None`` shows
             all, as the paper does. Small models with short contexts need a cap.
         templates: Format strings of the BCQ and NCQ prompts.
         compressor: Shortens each candidate response; ``None`` keeps it whole.
-        histogram_every_n_steps: Period of the buffer age histogram in TensorBoard.
         seed: Seed of the replay draws and of the BCQ candidate order.
 
     Example::
@@ -97,7 +95,6 @@ class ReplayGraduationCallback(Callback, RolloutHook):
         ncq_max_candidates: int | None = None,
         templates: ReformulationTemplates = ReformulationTemplates(),
         compressor: CandidateCompressor | None = TruncateCandidates(),
-        histogram_every_n_steps: int = 50,
         seed: int = 0,
     ) -> None:
         name = type(self).__name__
@@ -112,8 +109,6 @@ class ReplayGraduationCallback(Callback, RolloutHook):
             raise ValueError(f"{name}.teacher_samples must be >= 1, got {teacher_samples}")
         if ncq_max_candidates is not None and ncq_max_candidates < 1:
             raise ValueError(f"{name}.ncq_max_candidates must be >= 1 or null, got {ncq_max_candidates}")
-        if histogram_every_n_steps < 1:
-            raise ValueError(f"{name}.histogram_every_n_steps must be >= 1, got {histogram_every_n_steps}")
         self.capacity = capacity
         self.graduation_threshold = graduation_threshold
         self.replay_ratio = replay_ratio
@@ -125,17 +120,12 @@ class ReplayGraduationCallback(Callback, RolloutHook):
         self.ncq_max_candidates = ncq_max_candidates
         self.templates = templates
         self.compressor = compressor
-        self.histogram_every_n_steps = histogram_every_n_steps
         self.seed = seed
         self.buffer: OrderedDict[str, _Entry] = OrderedDict()
         self.admissions = 0
         self.graduations = 0
         self.evictions = 0
         self.graduation_visits = 0  # visits summed over graduated problems
-        self.rollout_index = -1
-        self._rng = random.Random(seed)
-        self._new_problems = 0  # |new| of the rollout being built
-        self._step_counts: dict[str, float] = {}  # this rollout's counts, logged at its first step
 
     @property
     @override
@@ -155,73 +145,52 @@ class ReplayGraduationCallback(Callback, RolloutHook):
             raise ValueError(f"{type(self).__name__}.bcq needs a teacher: set model.teacher or bcq: false")
 
     @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        metrics = {f"replay/{k}": v for k, v in self.summary().items()}
-        metrics |= {f"replay/step_{k}": v for k, v in self._step_counts.items()}
-        self._step_counts = {}
-        pl_module.log_dict(metrics, batch_size=1)
-        logger = trainer.logger
-        due = trainer.global_step % self.histogram_every_n_steps == 0
-        if isinstance(logger, TensorBoardLogger) and self.buffer and due:
-            ages = torch.tensor([self.rollout_index - e.admitted_at for e in self.buffer.values()], dtype=torch.float32)
-            logger.experiment.add_histogram("replay/age", ages, trainer.global_step)
-
-    @override
     def state_dict(self) -> dict[str, Any]:
-        version, internal, gauss_next = self._rng.getstate()
         return {
             "buffer": [
-                {"problem": asdict(e.problem), "admitted_at": e.admitted_at, "visits": e.visits}
-                for e in self.buffer.values()
+                {"problem_id": pid, "admitted_at": e.admitted_at, "visits": e.visits} for pid, e in self.buffer.items()
             ],
             "admissions": self.admissions,
             "graduations": self.graduations,
             "evictions": self.evictions,
             "graduation_visits": self.graduation_visits,
-            "rollout_index": self.rollout_index,
-            "rng_state": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.buffer = OrderedDict()
-        for row in state_dict.get("buffer", []):
-            entry = _Entry(Problem(**row["problem"]), int(row["admitted_at"]), int(row.get("visits", 0)))
-            self.buffer[entry.problem.problem_id] = entry
+        self.buffer = OrderedDict(
+            (str(row["problem_id"]), _Entry(int(row["admitted_at"]), int(row.get("visits", 0))))
+            for row in state_dict.get("buffer", [])
+        )
         self.admissions = int(state_dict.get("admissions", 0))
         self.graduations = int(state_dict.get("graduations", 0))
         self.evictions = int(state_dict.get("evictions", 0))
         self.graduation_visits = int(state_dict.get("graduation_visits", 0))
-        self.rollout_index = int(state_dict.get("rollout_index", -1))
-        rng = state_dict.get("rng_state")
-        if rng is not None:
-            self._rng.setstate((rng["version"], tuple(rng["internal"]), rng["gauss_next"]))
 
     # ----------------------------------------------------------------------------- rollout hooks
 
     @override
-    def on_rollout_plan(self, trainer: Any, plan: RolloutPlan) -> None:
-        if plan.source != "student":
-            return
-        self.rollout_index = plan.index
-        self._new_problems = sum(spec.kind == "plain" for spec in plan.prompts)
-        planned = {spec.problem.problem_id for spec in plan.prompts}
-        available = [e.problem for pid, e in self.buffer.items() if pid not in planned]
-        count = min(_round_half_up(self.replay_ratio * self._new_problems), len(available))
-        replayed = self._rng.sample(available, count)
-        plan.prompts.extend(PromptSpec(problem) for problem in replayed)
-        self._step_counts = {"replayed": float(count)}
+    def needs_pass_rates(self) -> bool:
+        return True  # admission and graduation on teacher or reference batches
 
     @override
-    def on_rollout_augment(self, trainer: Any, plan: RolloutPlan, groups: list[RolloutGroup]) -> list[PromptSpec]:
-        cap = _round_half_up(self.augment_ratio * self._new_problems)
-        if plan.source != "student" or cap == 0 or not (self.bcq or self.ncq):
+    def on_plan(self, ctx: RolloutContext, plan: RolloutPlan) -> None:
+        planned = plan.drawn_everywhere
+        available = [pid for pid in self.buffer if pid not in planned]
+        per_rank = _round_half_up(self.replay_ratio * plan.drawn)
+        count = min(per_rank * ctx.world_size, len(available))
+        replayed = ctx.rng("replay", self.seed, plan.rollout_index).sample(available, count)[ctx.rank :: ctx.world_size]
+        plan.prompts.extend(PromptSpec(ctx.problem(pid), replayed=True) for pid in replayed)
+        plan.metrics["replay/step_replayed"] = float(count)
+
+    @override
+    def on_augment(self, ctx: RolloutContext, plan: RolloutPlan, groups: list[RolloutGroup]) -> list[PromptSpec]:
+        cap = _round_half_up(self.augment_ratio * plan.drawn)
+        if not plan.on_policy or cap == 0 or not (self.bcq or self.ncq):
             return []
         hard = [g for g in groups if g.spec.kind == "plain" and g.pass_rate < self.graduation_threshold]
         hard = sorted(hard, key=lambda g: g.pass_rate)[:cap]
-        teacher = self._teacher_responses(trainer, hard) if self.bcq else [[] for _ in hard]
+        teacher = self._teacher_responses(ctx, hard) if self.bcq else [[] for _ in hard]
         wrong = [[t for t, r in zip(g.texts, g.rewards) if r <= 0] for g in hard]
         order = augmentation_order(
             [g.pass_rate for g in hard],
@@ -229,33 +198,42 @@ class ReplayGraduationCallback(Callback, RolloutHook):
             [self.ncq and bool(w) for w in wrong],
             cap,
         )
+        rng = ctx.rng("bcq", self.seed, plan.rollout_index, per_rank=True)
         specs = []
         for i, kind in order:
-            problem, text = hard[i].spec.problem, hard[i].spec.student_prompt or hard[i].spec.problem.prompt
+            problem, text = hard[i].spec.problem, hard[i].spec.student_prompt
             if kind == "bcq":
-                correct, wrong_one = self._rng.choice(teacher[i]), self._rng.choice(wrong[i])
-                prompt = build_bcq(text, correct, wrong_one, self._rng.random() < 0.5, self.templates, self.compressor)
+                correct, wrong_one = rng.choice(teacher[i]), rng.choice(wrong[i])
+                prompt = build_bcq(text, correct, wrong_one, rng.random() < 0.5, self.templates, self.compressor)
             else:
-                prompt = build_ncq(text, wrong[i][: self.ncq_max_candidates], self.templates, self.compressor)
-            specs.append(PromptSpec(problem, kind=kind, student_prompt=prompt))
-        self._step_counts |= {
-            "hard": float(sum(g.spec.kind == "plain" and g.pass_rate < self.graduation_threshold for g in groups)),
-            "bcq": float(sum(k == "bcq" for _, k in order)),
-            "ncq": float(sum(k == "ncq" for _, k in order)),
-            "teacher_solved": float(sum(bool(c) for c in teacher)),
+                prompt = build_ncq(
+                    text, wrong[i][: self.ncq_max_candidates], self.templates, self.compressor, ctx.verifier.extract
+                )
+            specs.append(PromptSpec(problem, kind=kind, student_prompt=prompt, replayed=hard[i].spec.replayed))
+        plan.metrics |= {
+            "replay/step_hard": float(sum(g.spec.kind == "plain" and g.pass_rate < self.graduation_threshold for g in groups)),
+            "replay/step_bcq": float(sum(k == "bcq" for _, k in order)),
+            "replay/step_ncq": float(sum(k == "ncq" for _, k in order)),
+            "replay/step_teacher_solved": float(sum(bool(c) for c in teacher)),
         }
         return specs
 
     @override
-    def on_rollout_scored(self, trainer: Any, plan: RolloutPlan, groups: list[RolloutGroup]) -> None:
-        if plan.source != "student":
-            return
+    def on_observe(self, ctx: RolloutContext, plan: RolloutPlan, summaries: list[GroupSummary]) -> None:
         counts = {"admitted": 0, "graduated": 0, "evicted": 0}
-        for group in groups:
-            if group.spec.kind == "plain":
-                for event in self.observe(group.spec.problem, group.pass_rate, plan.index):
-                    counts[event] += 1
-        self._step_counts |= {k: float(v) for k, v in counts.items()}
+        for s in summaries:
+            if s.kind != "plain":
+                continue
+            pass_rate = s.pass_rate if s.on_policy else ctx.pass_rates.get(s.problem_id)
+            if pass_rate is None:
+                continue
+            for event in self.observe(s.problem_id, pass_rate, plan.rollout_index):
+                counts[event] += 1
+        plan.metrics |= {f"replay/step_{k}": float(v) for k, v in counts.items()}
+        plan.metrics |= {f"replay/{k}": v for k, v in self.summary().items()}
+        if self.buffer:
+            ages = [plan.rollout_index - e.admitted_at for e in self.buffer.values()]
+            plan.histograms["replay/age"] = torch.tensor(ages, dtype=torch.float32)
 
     def summary(self) -> dict[str, float]:
         """The buffer's counters so far: size, admissions, graduations, evictions, mean visits."""
@@ -271,21 +249,21 @@ class ReplayGraduationCallback(Callback, RolloutHook):
 
     # ----------------------------------------------------------------------------- buffer
 
-    def observe(self, problem: Problem, pass_rate: float, rollout_index: int) -> list[str]:
+    def observe(self, problem_id: str, pass_rate: float, rollout_index: int) -> list[str]:
         """Update the buffer with one plain pass rate; returns the events (admitted, graduated,
         evicted)."""
-        entry = self.buffer.get(problem.problem_id)
+        entry = self.buffer.get(problem_id)
         if entry is not None:
             entry.visits += 1
             if pass_rate < self.graduation_threshold:
                 return []
-            del self.buffer[problem.problem_id]
+            del self.buffer[problem_id]
             self.graduations += 1
             self.graduation_visits += entry.visits
             return ["graduated"]
         if pass_rate >= self.graduation_threshold:
             return []
-        self.buffer[problem.problem_id] = _Entry(problem, rollout_index)
+        self.buffer[problem_id] = _Entry(rollout_index)
         self.admissions += 1
         events = ["admitted"]
         while len(self.buffer) > self.capacity:
@@ -294,18 +272,17 @@ class ReplayGraduationCallback(Callback, RolloutHook):
             events.append("evicted")
         return events
 
-    def _teacher_responses(self, trainer: Any, groups: list[RolloutGroup]) -> list[list[str]]:
+    def _teacher_responses(self, ctx: RolloutContext, groups: list[RolloutGroup]) -> list[list[str]]:
         """The correct ones among ``teacher_samples`` fresh teacher responses per group's problem."""
         if not groups:
             return []
-        module, data = trainer.lightning_module, trainer.datamodule
-        sampling = self.teacher_sampling or data.teacher_sampling
-        prompts = [module.tokenize(g.spec.student_prompt or g.spec.problem.prompt) for g in groups]
-        completions = data.engine_for(module.teacher).generate(prompts, self.teacher_samples, sampling)
+        sampling: SamplingConfig = self.teacher_sampling or ctx.teacher_sampling
+        prompts = [ctx.tokenize(g.spec.student_prompt) for g in groups]
+        completions = ctx.engine_for(ctx.teacher).generate(prompts, self.teacher_samples, sampling)
         correct = []
         for group, samples in zip(groups, completions):
-            texts = [module.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in samples]
-            correct.append([t for t in texts if score_response(t, group.spec.problem.answer) > 0])
+            texts = [ctx.decode(c.token_ids) for c in samples]
+            correct.append([t for t in texts if ctx.reward(t, group.spec.problem.answer) > 0])
         return correct
 
 

@@ -1,28 +1,51 @@
-"""What one step rolls out, what came back, and the hooks through which callbacks take part.
+"""What one step rolls out, what came back, and the phases through which callbacks take part.
 
-A training step, as the :class:`~lit_zpd.rollout.datamodule.RolloutDataModule` runs it:
+A training rollout, as :class:`~lit_zpd.rollout.pipeline.RolloutPipeline` runs it (each phase
+calls every :class:`RolloutHook` before the next phase starts):
 
-1. the step's problems become a :class:`RolloutPlan`; every :class:`RolloutHook` may edit it
-   (``on_rollout_plan``: add replayed problems, BCQ/NCQ prompts, restrict skills, attach a
-   privileged teacher context);
-2. the engine samples ``G`` completions per prompt; 3. the verifier scores them into
-   :class:`RolloutGroup` objects with their pass rate;
-3b. hooks may return extra prompts built from those groups (``on_rollout_augment``: BCQ/NCQ
-   reformulations of the hard problems); they are sampled and scored as more groups of the same
-   batch, by the same weights;
-4. hooks observe all scored groups (``on_rollout_scored``) and may set per-sample ``weights``;
-5. the batch is built; hooks may add fields (``on_batch_built``); 6. the module trains on it.
+1. **draw**: hooks restrict or weight which problems the
+   :class:`~lit_zpd.rollout.sampler.ProblemSampler` may draw (:class:`DrawRequest`); it then
+   draws this rank's new problems.
+2. **plan**: hooks add prompts (replayed problems, ...) and may set the step's data source and
+   loss (:class:`RolloutPlan`).
+3. The engine samples ``G`` completions per prompt; the problem source's verifier scores them
+   into :class:`RolloutGroup` objects.
+4. **augment**: hooks return extra prompts built from those groups (BCQ/NCQ), sampled and
+   scored in the same batch.
+5. Group statistics are computed once: every rank's groups are summarised
+   (:class:`GroupSummary`), gathered across ranks, and the shared pass-rate tracker is updated.
+6. **observe**: hooks read the summaries of every rank (replay admission and graduation,
+   mastery); their state stays identical across ranks.
+7. **weight**: hooks return per-sample weight factors for this rank's groups; factors multiply.
+8. **build**: the :class:`~lit_zpd.rollout.batch.RolloutBatch` is built; hooks may add
+   ``extras``.
+
+What a hook may change is explicit. Additive effects (prompts added, weight factors, metrics
+logged) commute. The exclusive ones, ``data_source``, ``loss`` and each ``extras.<key>``, must be
+declared in :meth:`RolloutHook.rollout_controls`: two hooks declaring the same control is an error
+at setup, and a hook that changes one it did not declare is an error when it does. Hooks of one
+phase run in a canonical order (by class name, then ``state_key``), so the order of
+``trainer.callbacks`` in a YAML file does not change a run.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+from lit_zpd.loss_config import LossConfig
 from lit_zpd.tasks.problem import Problem
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from lit_zpd.rollout.batch import RolloutBatch
+    from lit_zpd.rollout.context import RolloutContext
 
 DataSource = Literal["student", "teacher", "reference"]
 PromptKind = Literal["plain", "bcq", "ncq"]
+CONTROLS = ("data_source", "loss")
 
 
 @dataclass
@@ -36,35 +59,77 @@ class PromptSpec:
         student_prompt: Text the student sees; defaults to ``problem.prompt``.
         teacher_prompt: Text the teacher is conditioned on instead (a privileged context);
             defaults to the student's prompt.
+        replayed: Added by a replay buffer rather than drawn new this step.
     """
 
     problem: Problem
     kind: PromptKind = "plain"
-    student_prompt: str | None = None
+    student_prompt: str = ""
     teacher_prompt: str | None = None
+    replayed: bool = False
 
     def __post_init__(self) -> None:
-        if self.student_prompt is None:
+        if not self.student_prompt:
             self.student_prompt = self.problem.prompt
 
 
 @dataclass
-class RolloutPlan:
-    """The prompts of one training batch.
+class DrawRequest:
+    """How the step's new problems may be drawn; hooks edit it in the draw phase.
 
-    Args:
-        index: Position of the batch in the training stream (0, 1, ...), the seed of its
-            randomness.
-        policy_version: Optimizer steps taken by the weights that will sample it.
-        source: Who writes the responses: the student (on-policy), the teacher or the reference
-            solutions (off-policy).
-        prompts: The prompts; hooks append and remove.
+    Restrictions intersect and weights multiply, so hooks commute. With neither, the sampler walks
+    seeded epochs of the train split; with either, it draws without replacement from the allowed
+    problems in proportion to their weight.
     """
 
-    index: int
+    restrictions: dict[str, Callable[[Problem], bool]] = field(default_factory=dict)
+    weightings: dict[str, Callable[[Problem], float]] = field(default_factory=dict)
+
+    def restrict(self, name: str, allowed: Callable[[Problem], bool]) -> None:
+        """Only problems for which ``allowed`` is true may be drawn; ``name`` says who asked."""
+        self.restrictions[name] = allowed
+
+    def weight(self, name: str, weight: Callable[[Problem], float]) -> None:
+        """Draw problems in proportion to ``weight`` (>= 0)."""
+        self.weightings[name] = weight
+
+
+@dataclass
+class RolloutPlan:
+    """The prompts of one rollout and the settings it trains with.
+
+    Args:
+        rollout_index: Which rollout of the run this is (0, 1, ...); with ``data.ppo_minibatches``
+            one rollout serves several optimizer steps.
+        policy_version: Optimizer steps taken by the weights that sample it.
+        data_source: Who writes the responses: the student (on-policy), the teacher or the
+            reference solutions (off-policy). A control (see the module doc).
+        prompts: The drawn problems first (``drawn`` of them), then the prompts hooks added.
+        drawn: How many of ``prompts`` the sampler drew on this rank (``|new|`` in ZPPO's ratios).
+        drawn_everywhere: Ids of the problems every rank drew new this rollout.
+        loss: The loss of this rollout's optimizer steps; ``None`` keeps the module's
+            ``model.loss``. A control.
+        metrics: Per-rollout scalars logged once per rollout (``replay/admitted``, ...).
+        histograms: Per-rollout tensors for TensorBoard histograms.
+    """
+
+    rollout_index: int
     policy_version: int
-    source: DataSource
+    data_source: DataSource
     prompts: list[PromptSpec]
+    drawn: int = 0
+    drawn_everywhere: frozenset[str] = frozenset()
+    loss: LossConfig | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    histograms: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def on_policy(self) -> bool:
+        return self.data_source == "student"
+
+    @property
+    def new_problems(self) -> list[Problem]:
+        return [spec.problem for spec in self.prompts[: self.drawn]]
 
 
 @dataclass
@@ -78,7 +143,7 @@ class RolloutGroup:
         rewards: Verifier score per sample, 0 or 1.
         sampling_logprobs: Per-token log-probabilities under the sampling weights (student
             rollouts only).
-        weights: Per-sample loss weights; hooks may change them (default 1).
+        weights: Per-sample loss weights: the product of the weight phase's factors (default 1).
     """
 
     spec: PromptSpec
@@ -96,27 +161,112 @@ class RolloutGroup:
     def pass_rate(self) -> float:
         return sum(self.rewards) / len(self.rewards) if self.rewards else 0.0
 
+    def summary(self, rank: int, on_policy: bool) -> GroupSummary:
+        return GroupSummary(
+            problem_id=self.spec.problem.problem_id,
+            skill=self.spec.problem.skill,
+            difficulty=self.spec.problem.difficulty,
+            kind=self.spec.kind,
+            replayed=self.spec.replayed,
+            rewards=list(self.rewards),
+            completion_tokens=sum(len(ids) for ids in self.token_ids),
+            on_policy=on_policy,
+            rank=rank,
+        )
 
-class RolloutHook:
-    """Mix into a Lightning callback to take part in rollouts. Every method is optional.
 
-    The data module calls the hooks of every callback on the trainer that derives from this class,
-    in the trainer's callback order. A hook must not rely on another hook's presence.
+@dataclass(frozen=True)
+class GroupSummary:
+    """What every rank learns about one scored group: plain data, gathered across ranks.
+
+    Args:
+        problem_id: The problem.
+        skill: Its skill.
+        difficulty: Its difficulty level.
+        kind: ``plain``, ``bcq`` or ``ncq``.
+        replayed: Whether a replay buffer added the prompt.
+        rewards: Verifier score per sample.
+        completion_tokens: Tokens of all its completions.
+        on_policy: The student wrote the completions (a rollout or a pass-rate measurement);
+            otherwise the teacher or the reference did.
+        rank: The rank that rolled it out.
     """
 
-    def on_rollout_plan(self, trainer: Any, plan: RolloutPlan) -> None:
-        """Edit ``plan.prompts`` before sampling."""
+    problem_id: str
+    skill: str
+    difficulty: int
+    kind: str
+    replayed: bool
+    rewards: list[float]
+    completion_tokens: int
+    on_policy: bool
+    rank: int
 
-    def on_rollout_augment(self, trainer: Any, plan: RolloutPlan, groups: list[RolloutGroup]) -> list[PromptSpec]:
-        """Extra prompts for this batch, given the scored groups of ``plan.prompts``.
+    @property
+    def pass_rate(self) -> float:
+        return sum(self.rewards) / len(self.rewards) if self.rewards else 0.0
 
-        Called once per batch after the first sampling pass; the returned prompts of all hooks are
-        appended to ``plan.prompts``, sampled and scored in a second pass (never augmented again).
-        """
+
+class RolloutHook:
+    """Mix into a Lightning callback to take part in rollouts; every method is optional.
+
+    Hooks receive the :class:`~lit_zpd.rollout.context.RolloutContext` (models, engines,
+    scoring, seeded streams, ranks, the pass-rate tracker), never the trainer, and change only
+    what the phase hands them. See the module doc for the phases and the rules.
+    """
+
+    def rollout_controls(self) -> set[str]:
+        """Exclusive settings this hook sets: ``data_source``, ``loss``, ``extras.<key>``."""
+        return set()
+
+    def needs_pass_rates(self) -> bool:
+        """True when the hook reads the student's pass rate of the problems of off-policy
+        (teacher or reference) batches; the pipeline then measures the stale ones first."""
+        return False
+
+    def on_draw(self, ctx: RolloutContext, draw: DrawRequest) -> None:
+        """Restrict or weight the problems the sampler may draw."""
+
+    def on_plan(self, ctx: RolloutContext, plan: RolloutPlan) -> None:
+        """Add prompts; set ``plan.data_source`` or ``plan.loss`` when declared."""
+
+    def on_augment(self, ctx: RolloutContext, plan: RolloutPlan, groups: list[RolloutGroup]) -> list[PromptSpec]:
+        """Extra prompts of this batch, given this rank's scored groups; sampled and scored in a
+        second pass (never augmented again)."""
         return []
 
-    def on_rollout_scored(self, trainer: Any, plan: RolloutPlan, groups: list[RolloutGroup]) -> None:
-        """Observe scored groups (augmented ones included); may set ``group.weights``."""
+    def on_observe(self, ctx: RolloutContext, plan: RolloutPlan, summaries: list[GroupSummary]) -> None:
+        """Read the scored groups of every rank (and the pass-rate measurements)."""
 
-    def on_batch_built(self, trainer: Any, plan: RolloutPlan, batch: dict[str, Any]) -> None:
-        """Add or change batch fields before the training step."""
+    def on_weight(
+        self, ctx: RolloutContext, plan: RolloutPlan, groups: list[RolloutGroup], summaries: list[GroupSummary]
+    ) -> list[list[float]] | None:
+        """Per-sample weight factors for this rank's ``groups`` (one list per group), or ``None``.
+        ``summaries`` are every rank's, for statistics that must be global."""
+        return None
+
+    def on_build(self, ctx: RolloutContext, plan: RolloutPlan, batch: RolloutBatch) -> None:
+        """Add declared ``batch.extras`` before the training step."""
+
+
+def hook_order(hooks: list[Any]) -> list[Any]:
+    """The canonical order of hooks within a phase: by class name, then ``state_key``."""
+    return sorted(hooks, key=lambda h: (type(h).__qualname__, str(getattr(h, "state_key", ""))))
+
+
+def check_controls(hooks: list[RolloutHook]) -> None:
+    """Raise if two hooks declare the same control, or a hook declares an unknown one."""
+    owners: dict[str, str] = {}
+    for hook in hooks:
+        for control in sorted(hook.rollout_controls()):
+            if control not in CONTROLS and not control.startswith("extras."):
+                raise ValueError(
+                    f"{type(hook).__name__}: unknown rollout control {control!r}; "
+                    f"known: {', '.join(CONTROLS)}, extras.<key>"
+                )
+            if control in owners:
+                raise ValueError(
+                    f"{owners[control]} and {type(hook).__name__} both set the rollout's {control}; "
+                    "keep one of them in trainer.callbacks"
+                )
+            owners[control] = type(hook).__name__

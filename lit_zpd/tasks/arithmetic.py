@@ -17,6 +17,7 @@ import random
 from collections.abc import Callable, Iterator
 
 from lit_zpd.tasks.problem import Problem, ProblemSource, Split, cap_per_skill, hash_split
+from lit_zpd.tasks.verifier import Verifier, VerifierName, make_verifier
 
 SKILL_GRAPH: dict[str, list[str]] = {
     "add_1digit": [],
@@ -159,6 +160,8 @@ class ArithmeticCurriculum(ProblemSource):
         max_eval_per_skill: Cap on validation and test problems per skill, to keep evaluation
             fast; ``None`` keeps all.
         prompt_template: Format of the prompt; ``{expression}`` is replaced.
+        verifier: Scores responses: ``boxed`` (the references end in ``\\boxed{answer}``),
+            ``last_number``, ``gsm8k``, ``math_verify`` or a :class:`~lit_zpd.tasks.verifier.Verifier`.
 
     Example::
 
@@ -175,6 +178,7 @@ class ArithmeticCurriculum(ProblemSource):
         test_fraction: float = 0.1,
         max_eval_per_skill: int | None = 40,
         prompt_template: str = "{expression}=?\n",
+        verifier: VerifierName | Verifier = "boxed",
     ) -> None:
         if problems_per_level < 1:
             raise ValueError(f"problems_per_level must be >= 1, got {problems_per_level}")
@@ -191,6 +195,7 @@ class ArithmeticCurriculum(ProblemSource):
         self.test_fraction = test_fraction
         self.max_eval_per_skill = max_eval_per_skill
         self.prompt_template = prompt_template
+        self.verifier = make_verifier(verifier, "data.source.verifier")
         self._cache: dict[Split, list[Problem]] | None = None
 
     def skill_graph(self) -> dict[str, list[str]]:

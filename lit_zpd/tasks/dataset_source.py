@@ -22,7 +22,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lit_zpd.tasks.problem import SPLITS, Problem, ProblemSource, Split, cap_per_skill, hash_split
-from lit_zpd.tasks.verifier import EXTRACTORS, AnswerExtractor, extract_boxed, normalize_answer
+from lit_zpd.tasks.verifier import (
+    EXTRACTORS,
+    AnswerExtractor,
+    Verifier,
+    VerifierName,
+    extract_boxed,
+    make_verifier,
+    normalize_answer,
+)
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -81,6 +89,9 @@ class DatasetSource(ProblemSource):
             over difficulty levels; ``None`` keeps all.
         skill_graph_path: JSON file ``{skill: [prerequisite, ...]}``, a DAG over the skills of
             the data set; skills it leaves out have no prerequisites. ``None``: no skill has any.
+        verifier: Scores the model's responses: ``boxed`` (default), ``gsm8k`` (``#### 42``),
+            ``last_number``, ``math_verify`` (LaTeX answers compared symbolically) or a
+            :class:`~lit_zpd.tasks.verifier.Verifier` given by ``class_path``.
 
     Example::
 
@@ -106,6 +117,7 @@ class DatasetSource(ProblemSource):
         seed: int = 0,
         max_eval_per_skill: int | None = None,
         skill_graph_path: str | None = None,
+        verifier: VerifierName | Verifier = "boxed",
     ) -> None:
         self.root = Path(path)
         if not self.root.exists():
@@ -143,6 +155,7 @@ class DatasetSource(ProblemSource):
             raise ValueError(f"max_eval_per_skill must be >= 1 or null, got {max_eval_per_skill}")
         self.max_eval_per_skill = max_eval_per_skill
         self.skill_graph_path = skill_graph_path
+        self.verifier = make_verifier(verifier, "data.source.verifier")
         self._declared_graph = None if skill_graph_path is None else _read_skill_graph(skill_graph_path)
         self._cache: dict[Split, list[Problem]] | None = None
 

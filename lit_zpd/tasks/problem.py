@@ -8,6 +8,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Literal
 
+from lit_zpd.tasks.verifier import BoxedVerifier, Verifier
+
 Split = Literal["train", "validation", "test"]
 SPLITS: tuple[Split, ...] = ("train", "validation", "test")
 
@@ -35,7 +37,10 @@ class Problem:
 
 
 class ProblemSource(ABC):
-    """Where problems come from. Subclasses are selected in YAML with ``class_path``."""
+    """Where problems come from, and the verifier that scores responses to them. Subclasses are
+    selected in YAML with ``class_path``; they set ``self.verifier`` (``boxed`` by default)."""
+
+    verifier: Verifier = BoxedVerifier()
 
     @abstractmethod
     def problems(self, split: Split) -> list[Problem]:

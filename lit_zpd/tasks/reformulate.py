@@ -20,9 +20,12 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from lit_zpd.tasks.verifier import extract_boxed, normalize_answer
+
+Extract = Callable[[str], str | None]
 
 
 @dataclass(frozen=True)
@@ -105,13 +108,13 @@ class TruncateCandidates(CandidateCompressor):
         return f"{head}\n{last}" if head else last
 
 
-def wrong_answers(texts: list[str]) -> list[str]:
-    """The final ``\\boxed{}`` answers of ``texts``, in order, deduplicated after normalisation;
-    responses without one contribute nothing."""
+def wrong_answers(texts: list[str], extract: Extract = extract_boxed) -> list[str]:
+    """The final answers of ``texts`` (read by ``extract``, the verifier's), in order, deduplicated
+    after normalisation; responses without one contribute nothing."""
     seen: set[str] = set()
     out = []
     for text in texts:
-        answer = extract_boxed(text)
+        answer = extract(text)
         if answer is None or normalize_answer(answer) in seen:
             continue
         seen.add(normalize_answer(answer))
@@ -153,6 +156,7 @@ def build_ncq(
     wrong: list[str],
     templates: ReformulationTemplates = ReformulationTemplates(),
     compress: CandidateCompressor | None = None,
+    extract: Extract = extract_boxed,
 ) -> str:
     """The NCQ prompt for ``problem`` from its wrong responses (each its own candidate block).
 
@@ -161,10 +165,11 @@ def build_ncq(
         wrong: The wrong (student) responses, at least one.
         templates: Format strings.
         compress: Applied to each candidate (the listed final answers come from the full text).
+        extract: Reads a response's final answer (the problem source's verifier's ``extract``).
     """
     if not wrong:
         raise ValueError("build_ncq needs at least one wrong response")
-    answers = wrong_answers(wrong)
+    answers = wrong_answers(wrong, extract)
     listed = templates.ncq_answers.format(answers=", ".join(answers)) if answers else ""
     candidates = render_candidates(wrong, templates.candidate, compress)
     return templates.ncq.format(problem=problem.rstrip(), wrong_answers=listed, candidates=candidates)

@@ -1,12 +1,27 @@
-"""Answer extraction and scoring: a response scores 1 when its final answer matches."""
+"""Answer extraction and verifiers: a response scores 1 when its final answer matches.
+
+A :class:`Verifier` reads the final answer out of a response and compares it with a problem's
+answer. Every problem source carries one (``verifier`` in YAML, ``boxed`` by default), and the
+rollout pipeline scores every response through it. Choices, by name or ``class_path``:
+
+- ``boxed``: the last ``\\boxed{...}`` (:class:`BoxedVerifier`);
+- ``gsm8k``: the text after the last ``####`` (:class:`GSM8KVerifier`);
+- ``last_number``: the last number in the response (:class:`LastNumberVerifier`);
+- ``math_verify``: the ``math-verify`` package, which compares LaTeX answers symbolically, so
+  ``\\frac{1}{2}`` equals ``0.5`` (:class:`MathVerifyVerifier`; ``pip install lit-zpd[math]``).
+
+The first three normalise both sides with :func:`normalize_answer` and compare strings.
+"""
 
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Literal
 
 AnswerExtractor = Literal["boxed", "gsm8k", "last_number", "identity"]
+VerifierName = Literal["boxed", "gsm8k", "last_number", "math_verify"]
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
@@ -60,9 +75,101 @@ def normalize_answer(answer: str) -> str:
     return text
 
 
+class Verifier(ABC):
+    """Scores a response against a problem's answer. Subclass it for a task of your own and
+    select it in YAML with ``class_path``.
+
+    A verifier may raise on a strange response; the pipeline then scores that response 0 and
+    counts it (``rollout/verifier_errors``) instead of stopping the run.
+    """
+
+    @abstractmethod
+    def extract(self, response: str) -> str | None:
+        """The final answer written in ``response``, or ``None`` when it has none."""
+
+    def score(self, response: str, answer: str) -> float:
+        """1.0 when the extracted answer equals ``answer`` after :func:`normalize_answer`, else 0.0."""
+        predicted = self.extract(response)
+        if predicted is None:
+            return 0.0
+        return float(normalize_answer(predicted) == normalize_answer(answer))
+
+
+class BoxedVerifier(Verifier):
+    """The last ``\\boxed{...}`` of the response, braces balanced (the default)."""
+
+    def extract(self, response: str) -> str | None:
+        return extract_boxed(response)
+
+
+class GSM8KVerifier(Verifier):
+    """The text after the response's last ``####``."""
+
+    def extract(self, response: str) -> str | None:
+        return extract_gsm8k(response)
+
+
+class LastNumberVerifier(Verifier):
+    """The last number in the response: reads models that answer in prose ("... so 42 apples")."""
+
+    def extract(self, response: str) -> str | None:
+        return extract_last_number(response)
+
+
+class MathVerifyVerifier(Verifier):
+    """Symbolic comparison with the ``math-verify`` package (``pip install lit-zpd[math]``).
+
+    The answer is parsed as LaTeX or a plain expression and the response's last boxed or LaTeX
+    answer is compared with it, so ``\\frac{1}{2}``, ``0.5`` and ``\\boxed{1/2}`` agree. math-verify
+    bounds parsing time with ``SIGALRM``, which works in the main thread only; a call from another
+    thread raises, and the pipeline counts that response as a verifier error.
+
+    Args:
+        float_rounding: Decimal places floats are rounded to before comparison.
+    """
+
+    def __init__(self, float_rounding: int = 6) -> None:
+        try:
+            import math_verify
+        except ImportError as err:
+            raise ImportError(
+                "verifier: math_verify needs the math-verify package: pip install 'lit-zpd[math]'"
+            ) from err
+        if float_rounding < 0:
+            raise ValueError(f"verifier.float_rounding must be >= 0, got {float_rounding}")
+        self.float_rounding = float_rounding
+        self._math_verify = math_verify
+
+    def extract(self, response: str) -> str | None:
+        parsed = self._math_verify.parse(response)
+        return str(parsed[-1]) if parsed else None
+
+    def score(self, response: str, answer: str) -> float:
+        gold = self._math_verify.parse(answer if "$" in answer or "\\" in answer else f"${answer}$")
+        predicted = self._math_verify.parse(response)
+        if not gold or not predicted:
+            return 0.0
+        return float(self._math_verify.verify(gold, predicted, float_rounding=self.float_rounding))
+
+
+VERIFIERS: dict[str, type[Verifier]] = {
+    "boxed": BoxedVerifier,
+    "gsm8k": GSM8KVerifier,
+    "last_number": LastNumberVerifier,
+    "math_verify": MathVerifyVerifier,
+}
+
+
+def make_verifier(verifier: VerifierName | Verifier, key: str = "verifier") -> Verifier:
+    """A verifier from its YAML value: a name of :data:`VERIFIERS` or an instance."""
+    if isinstance(verifier, Verifier):
+        return verifier
+    if verifier not in VERIFIERS:
+        raise ValueError(f"{key}: expected one of {', '.join(VERIFIERS)} or a Verifier class_path, got {verifier!r}")
+    return VERIFIERS[verifier]()
+
+
 def score_response(response: str, answer: str) -> float:
-    """1.0 if the response's last boxed answer equals ``answer`` after normalisation, else 0.0."""
-    predicted = extract_boxed(response)
-    if predicted is None:
-        return 0.0
-    return float(normalize_answer(predicted) == normalize_answer(answer))
+    """The default verifier's score: 1.0 if the last boxed answer equals ``answer`` after
+    normalisation, else 0.0."""
+    return BoxedVerifier().score(response, answer)

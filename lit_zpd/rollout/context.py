@@ -1,0 +1,279 @@
+"""RolloutContext: everything a rollout hook may use, and nothing of the trainer.
+
+A hook (:class:`~lit_zpd.rollout.plan.RolloutHook`) receives this object in every phase. It holds
+the models (the student, the teacher of whatever kind), the tokenizer, the engines that sample
+them, the problem source's verifier, seeded random streams, the student rollout token count, the
+rank, the world size and a gather across ranks, evaluation of any problem subset, and the shared
+per-problem pass-rate tracker. It imports nothing from Lightning, so a hook or a diagnostic can be
+driven without a running fit (build one with the data module's
+:meth:`~lit_zpd.rollout.datamodule.RolloutDataModule.context`, or directly).
+
+Counters (student rollout tokens, verifier errors) are counted per rank and summed over the ranks
+once per rollout, when the pipeline gathers the scored groups; the totals are then the same on
+every rank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lit_zpd.loss_config import LossConfig
+from lit_zpd.rollout.batch import EvalBatch
+from lit_zpd.rollout.engine import RolloutEngine, SamplingConfig
+from lit_zpd.rollout.pass_rates import PassRateTracker
+from lit_zpd.rollout.plan import PromptSpec, RolloutGroup
+from lit_zpd.tasks.problem import Problem, ProblemSource
+from lit_zpd.tasks.verifier import Verifier
+
+EngineFactory = Callable[[nn.Module], RolloutEngine]
+
+
+@dataclass
+class RolloutCounters:
+    """Run totals, saved in checkpoints: student rollout tokens (the RL budget) and verifier
+    errors (responses scored 0 because the verifier raised)."""
+
+    student_tokens: int = 0
+    verifier_errors: int = 0
+
+
+@contextmanager
+def seeded(*keys: object) -> Iterator[None]:
+    """Seed torch's global generator from ``keys`` for a block and restore it after.
+
+    The seed is a hash of the keys, so streams with different keys (``(seed, "rollout", t)``,
+    ``(seed, "eval")``, a callback's own) never coincide.
+    """
+    digest = hashlib.sha256(repr(keys).encode()).digest()
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int.from_bytes(digest[:8], "big"))
+        yield
+
+
+class RolloutContext:
+    """The typed surface of the rollout pipeline (see the module doc).
+
+    Args:
+        student: The model being trained.
+        teacher: The model distilled from: a separate model, the student itself (``self_live``),
+            or its starting weights (``self_initial``); ``None`` without a teacher.
+        tokenizer: The shared tokenizer.
+        source: The problem source; its ``verifier`` scores responses.
+        engine_factory: Builds the engine that samples a model (called once per model).
+        seed: The run's data seed; every stream is derived from it.
+        loss: The module's loss configuration (a plan may override it per step).
+        sampling: Sampling of student rollouts (``data.sampling``).
+        teacher_sampling: Sampling of teacher responses (``data.teacher_sampling``).
+        eval_samples: ``k`` of the mean accuracy over ``k`` samples in :meth:`evaluate`.
+        eval_sampling: Sampling of those samples (greedy accuracy is always measured).
+        eval_batch_size: Problems per engine call in :meth:`evaluate`.
+        rank: This process's rank.
+        world_size: Number of processes.
+        pass_rates: The shared tracker; a new one if ``None``.
+        counters: The run totals; new ones if ``None``.
+    """
+
+    def __init__(
+        self,
+        *,
+        student: nn.Module,
+        teacher: Any,
+        tokenizer: Any,
+        source: ProblemSource,
+        engine_factory: EngineFactory,
+        seed: int,
+        loss: LossConfig,
+        sampling: SamplingConfig = SamplingConfig(),
+        teacher_sampling: SamplingConfig | None = None,
+        eval_samples: int = 0,
+        eval_sampling: SamplingConfig = SamplingConfig(),
+        eval_batch_size: int = 64,
+        rank: int = 0,
+        world_size: int = 1,
+        pass_rates: PassRateTracker | None = None,
+        counters: RolloutCounters | None = None,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self.student = student
+        self.teacher = teacher
+        self.tokenizer = tokenizer
+        self.source = source
+        self.seed = seed
+        self.loss = loss
+        self.sampling = sampling
+        self.teacher_sampling = teacher_sampling or sampling
+        self.eval_samples = eval_samples
+        self.eval_sampling = eval_sampling
+        self.eval_batch_size = eval_batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.pass_rates = pass_rates if pass_rates is not None else PassRateTracker()
+        self.counters = counters if counters is not None else RolloutCounters()
+        self.policy_version = 0  # optimizer steps of the current weights; engines sync when it moves
+        self.sync_seconds = 0.0  # weight-sync time since the pipeline last reset it
+        self._engine_factory = engine_factory
+        self._engines: dict[int, RolloutEngine] = {}
+        self._synced: dict[int, int] = {}
+        self._pending = RolloutCounters()  # this rank's counts since the last reduction
+        self._train_index: dict[str, Problem] | None = None
+
+    # ----------------------------------------------------------------------------- models
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.student.parameters()).device
+
+    @property
+    def verifier(self) -> Verifier:
+        return self.source.verifier
+
+    def problem(self, problem_id: str) -> Problem:
+        """The training problem with this id (replay buffers and curricula keep ids only)."""
+        if self._train_index is None:
+            self._train_index = {p.problem_id: p for p in self.source.problems("train")}
+        try:
+            return self._train_index[problem_id]
+        except KeyError:
+            raise KeyError(f"no training problem has id {problem_id!r}") from None
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text`` without special tokens."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def engine_for(self, model: Any) -> RolloutEngine:
+        """The engine sampling ``model`` (built on first use), synced to ``model``'s weights when
+        the policy version moved since its last sync."""
+        key = id(model)
+        if key not in self._engines:
+            self._engines[key] = self._engine_factory(model)
+        if self._synced.get(key) != self.policy_version:
+            start = time.perf_counter()
+            self._engines[key].sync_weights(model)
+            self.sync_seconds += time.perf_counter() - start
+            self._synced[key] = self.policy_version
+        return self._engines[key]
+
+    # ----------------------------------------------------------------------------- scoring
+
+    def score(self, spec: PromptSpec, token_ids: list[list[int]], logprobs: list[list[float]] | None = None) -> RolloutGroup:
+        """Decode and verify completions of ``spec``. A response on which the verifier raises
+        scores 0 and is counted (``rollout/verifier_errors``); the run goes on."""
+        texts = [self.decode(ids) for ids in token_ids]
+        return RolloutGroup(
+            spec=spec, token_ids=token_ids, texts=texts,
+            rewards=[self.reward(t, spec.problem.answer) for t in texts], sampling_logprobs=logprobs,
+        )
+
+    def reward(self, response: str, answer: str) -> float:
+        """The verifier's score of one response; 0 (and counted) if it raises."""
+        try:
+            return float(self.verifier.score(response, answer))
+        except Exception:  # noqa: BLE001 - a user's verifier may raise anything on a strange response
+            self._pending.verifier_errors += 1
+            return 0.0
+
+    # ----------------------------------------------------------------------------- randomness
+
+    @contextmanager
+    def seeded(self, *keys: object) -> Iterator[None]:
+        """Seed torch's generator (engines draw from it) for a block, from the run's seed, ``keys``
+        and the rank: rank 0 draws what a single process draws, other ranks other noise."""
+        rank = (("rank", self.rank),) if self.rank else ()
+        with seeded(self.seed, *keys, *rank):
+            yield
+
+    def rng(self, *keys: object, per_rank: bool = False) -> random.Random:
+        """A Python random stream from the run's seed and ``keys``; the same on every rank unless
+        ``per_rank``. Derive it from the rollout index to keep a hook's draws resumable without
+        saving a generator state."""
+        rank = (("rank", self.rank),) if per_rank and self.rank else ()
+        return random.Random(repr((self.seed, *keys, *rank)))
+
+    # ----------------------------------------------------------------------------- ranks
+
+    def count_student_tokens(self, n: int) -> None:
+        """Add ``n`` student rollout tokens sampled on this rank for training (the RL budget).
+        Counted before the pipeline's gather of a rollout, they are in that rollout's total."""
+        self._pending.student_tokens += n
+
+    def reduce_counters(self, parts: list[RolloutCounters]) -> None:
+        """Add every rank's pending counts (from a gather) to the run totals."""
+        for part in parts:
+            self.counters.student_tokens += part.student_tokens
+            self.counters.verifier_errors += part.verifier_errors
+
+    def take_pending(self) -> RolloutCounters:
+        """This rank's counts since the last call, to be gathered and reduced."""
+        pending, self._pending = self._pending, RolloutCounters()
+        return pending
+
+    def gather(self, obj: Any) -> list[Any]:
+        """``obj`` of every rank, in rank order (``[obj]`` in one process). Every rank must call it."""
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    # ----------------------------------------------------------------------------- evaluation
+
+    def evaluate(self, model: Any, problems: list[Problem]) -> EvalBatch:
+        """Greedy correctness and mean correctness over ``eval_samples`` samples of ``problems``
+        (any subset: a split, one skill). The problems are shared out over the ranks and the
+        results gathered, in the order given, on every rank."""
+        shard = problems[self.rank :: self.world_size]
+        local = EvalBatch.concat(
+            [self.evaluate_batch(model, shard[i : i + self.eval_batch_size]) for i in range(0, len(shard), self.eval_batch_size)]
+        )
+        if self.world_size == 1:
+            return local
+        parts = self.gather(local)
+        # Problem j was evaluated on rank j % W, as that rank's row j // W.
+        return EvalBatch.concat([_row(parts[j % self.world_size], j // self.world_size) for j in range(len(problems))])
+
+    def evaluate_batch(self, model: Any, problems: list[Problem]) -> EvalBatch:
+        """:meth:`evaluate` of one batch on this rank alone."""
+        engine = self.engine_for(model)
+        prompts = [self.tokenize(p.prompt) for p in problems]
+        greedy = engine.generate(prompts, 1, SamplingConfig(0.0, 1.0, self.eval_sampling.max_new_tokens))
+        texts = [self.decode(g[0].token_ids) for g in greedy]
+        batch = EvalBatch(
+            problem_ids=[p.problem_id for p in problems],
+            skills=[p.skill for p in problems],
+            prompts=[p.prompt for p in problems],
+            greedy_correct=torch.tensor([self.reward(t, p.answer) for p, t in zip(problems, texts)]),
+            greedy_texts=texts,
+        )
+        if self.eval_samples:
+            with self.seeded("eval"):
+                sampled = engine.generate(prompts, self.eval_samples, self.eval_sampling)
+            batch.sample_pass_rate = torch.tensor(
+                [sum(self.reward(self.decode(c.token_ids), p.answer) for c in group) / len(group)
+                 for p, group in zip(problems, sampled)]
+            )
+        return batch
+
+
+def _row(batch: EvalBatch, i: int) -> EvalBatch:
+    return EvalBatch(
+        problem_ids=[batch.problem_ids[i]],
+        skills=[batch.skills[i]],
+        prompts=[batch.prompts[i]],
+        greedy_correct=batch.greedy_correct[i : i + 1],
+        greedy_texts=[batch.greedy_texts[i]],
+        sample_pass_rate=batch.sample_pass_rate[i : i + 1] if batch.sample_pass_rate is not None else None,
+    )

@@ -1,0 +1,277 @@
+"""RolloutPipeline: one rollout, from problems to a :class:`~lit_zpd.rollout.batch.RolloutBatch`.
+
+The phases are those of :mod:`lit_zpd.rollout.plan`, in this order: draw, plan, sample, augment,
+measure (off-policy pass rates, when a hook asks), gather and track, observe, weight, build. Every
+random choice of rollout ``r`` comes from streams seeded by ``(seed, r)`` (and the rank), so a
+resumed run rolls out exactly what an uninterrupted one would.
+
+Across ranks: each rank draws its own problems and samples its own noise; the scored groups'
+summaries and the counters are gathered once per rollout, so the tracker, every hook's state,
+REINFORCE++'s batch statistics and PACED's normalisation are global and identical on every rank.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Literal
+
+import torch
+
+from lit_zpd.losses import group_advantages, reinforce_pp_advantages
+from lit_zpd.loss_config import ROLLOUT_TERMS, TEACHER_TERMS
+from lit_zpd.rollout.batch import RolloutBatch, build_batch
+from lit_zpd.rollout.context import RolloutContext
+from lit_zpd.rollout.engine import SamplingConfig
+from lit_zpd.rollout.pass_rates import PassRateSettings
+from lit_zpd.rollout.plan import (
+    DataSource,
+    DrawRequest,
+    GroupSummary,
+    PromptSpec,
+    RolloutGroup,
+    RolloutHook,
+    RolloutPlan,
+    check_controls,
+    hook_order,
+)
+from lit_zpd.rollout.sampler import ProblemSampler
+
+AdvantageEstimator = Literal["grpo", "reinforce_pp"]
+
+
+class RolloutPipeline:
+    """Plans, samples, scores and batches rollouts (Lightning-free).
+
+    Args:
+        ctx: The context hooks receive.
+        sampler: Draws each rollout's new problems.
+        hooks: The rollout hooks; they run in a canonical order within each phase.
+        samples_per_prompt: ``G``, student completions per prompt.
+        data_source: Who writes the responses unless ``lmbda`` mixes or a hook sets it.
+        lmbda: GKD mixing: each rollout is on-policy with this probability.
+        off_policy_source: The off-policy responses when ``lmbda`` mixes.
+        teacher_samples_per_prompt: Teacher completions per prompt.
+        teacher_correct_only: Keep only the teacher's correct completions.
+        sampling: Sampling of student rollouts.
+        teacher_sampling: Sampling of teacher responses.
+        advantage_estimator: ``grpo`` or ``reinforce_pp``.
+        advantage_scale_by_std: GRPO's division by the group's std.
+        pass_rate: How the student's pass rate is measured on off-policy batches.
+    """
+
+    def __init__(
+        self,
+        ctx: RolloutContext,
+        sampler: ProblemSampler,
+        hooks: list[RolloutHook],
+        *,
+        samples_per_prompt: int,
+        data_source: DataSource,
+        lmbda: float | None,
+        off_policy_source: DataSource,
+        teacher_samples_per_prompt: int,
+        teacher_correct_only: bool,
+        sampling: SamplingConfig,
+        teacher_sampling: SamplingConfig,
+        advantage_estimator: AdvantageEstimator,
+        advantage_scale_by_std: bool,
+        pass_rate: PassRateSettings,
+    ) -> None:
+        check_controls(hooks)
+        self.ctx = ctx
+        self.sampler = sampler
+        self.hooks = hook_order(hooks)
+        self.samples_per_prompt = samples_per_prompt
+        self.data_source = data_source
+        self.lmbda = lmbda
+        self.off_policy_source = off_policy_source
+        self.teacher_samples_per_prompt = teacher_samples_per_prompt
+        self.teacher_correct_only = teacher_correct_only
+        self.sampling = sampling
+        self.teacher_sampling = teacher_sampling
+        self.advantage_estimator = advantage_estimator
+        self.advantage_scale_by_std = advantage_scale_by_std
+        self.pass_rate = pass_rate
+
+    def source_for(self, rollout_index: int) -> DataSource:
+        """The data source before hooks: ``data_source``, or GKD's seeded coin with ``lmbda``."""
+        if self.lmbda is None:
+            return self.data_source
+        on_policy = random.Random(f"{self.ctx.seed}:lmbda:{rollout_index}").random() < self.lmbda
+        return "student" if on_policy else self.off_policy_source
+
+    def rollout(self, index: int) -> RolloutBatch:
+        """Rollout ``index`` on this rank (every rank must call it: it gathers)."""
+        ctx = self.ctx
+        ctx.sync_seconds = 0.0
+        plan = self.plan(index)
+        with ctx.seeded("rollout", index):
+            groups = self._respond(plan, plan.prompts)
+            # Hooks sample inside the seeded block (e.g. a teacher), so their draws repeat on resume.
+            extra = [spec for hook in self.hooks for spec in hook.on_augment(ctx, plan, groups)]
+            if extra:
+                plan.prompts.extend(extra)
+                groups += self._respond(plan, extra)
+        if not groups:
+            raise RuntimeError(f"rollout {index} has no responses (teacher_correct_only dropped every prompt?)")
+        if plan.on_policy:
+            ctx.count_student_tokens(sum(len(ids) for g in groups for ids in g.token_ids))
+        measured = self._measure(plan, groups)
+        summaries = self._gather(plan, groups, measured)
+        for hook in self.hooks:
+            hook.on_observe(ctx, plan, summaries)
+        for hook in self.hooks:
+            factors = hook.on_weight(ctx, plan, groups, summaries)
+            if factors is not None:
+                _multiply(groups, factors, type(hook).__name__)
+        batch = build_batch(
+            groups, ctx.tokenize, ctx.tokenizer.pad_token_id, plan.data_source,
+            self._advantages(summaries, len(groups)) if plan.on_policy else None,
+        )
+        batch.sampling_temperature = (self.sampling.temperature or 1.0) if plan.on_policy else 1.0
+        batch.policy_version = plan.policy_version
+        batch.rollout_index = batch.batch_index = index
+        batch.loss = plan.loss
+        batch.metrics = plan.metrics | {
+            "rollout/student_tokens_total": float(ctx.counters.student_tokens),
+            "rollout/verifier_errors_total": float(ctx.counters.verifier_errors),
+            "rollout/weight_sync_seconds": ctx.sync_seconds,
+            "rollout/pass_rate_measurements": float(len(measured)),
+        }
+        batch.histograms = dict(plan.histograms)
+        for hook in self.hooks:
+            before = set(batch.extras)
+            hook.on_build(ctx, plan, batch)
+            _check_declared(hook, {f"extras.{k}" for k in set(batch.extras) - before}, "batch.extras")
+        return batch
+
+    def plan(self, index: int) -> RolloutPlan:
+        """Draw and plan phases: this rank's new problems and the hooks' additions and settings."""
+        ctx = self.ctx
+        request = DrawRequest()
+        for hook in self.hooks:
+            hook.on_draw(ctx, request)
+        draws = self.sampler.draw(index, ctx.world_size, request)
+        plan = RolloutPlan(
+            rollout_index=index, policy_version=ctx.policy_version, data_source=self.source_for(index),
+            prompts=[PromptSpec(p) for p in draws[ctx.rank]], drawn=len(draws[ctx.rank]),
+            drawn_everywhere=frozenset(p.problem_id for rank in draws for p in rank),
+        )
+        for hook in self.hooks:
+            before = (plan.data_source, plan.loss)
+            hook.on_plan(ctx, plan)
+            changed = {name for name, old in zip(("data_source", "loss"), before) if getattr(plan, name) is not old}
+            _check_declared(hook, changed, "plan")
+        self._check_loss(plan)
+        return plan
+
+    def _check_loss(self, plan: RolloutPlan) -> None:
+        loss = plan.loss or self.ctx.loss
+        rollout_terms = sorted(loss.active.keys() & set(ROLLOUT_TERMS))
+        if rollout_terms and not plan.on_policy:
+            raise ValueError(
+                f"rollout {plan.rollout_index}: the loss uses {rollout_terms}, which need student rollouts, "
+                f"but the data source is {plan.data_source!r}"
+            )
+        if self.ctx.teacher is None and (loss.active.keys() & set(TEACHER_TERMS) or plan.data_source == "teacher"):
+            raise ValueError(f"rollout {plan.rollout_index} needs a teacher: set model.teacher")
+
+    def _respond(self, plan: RolloutPlan, specs: list[PromptSpec]) -> list[RolloutGroup]:
+        ctx = self.ctx
+        if plan.data_source == "reference":
+            missing = [s.problem.problem_id for s in specs if s.problem.reference is None]
+            if missing:
+                raise ValueError(f"problem {missing[0]!r} has no reference solution")
+            return [ctx.score(s, [ctx.tokenize(s.problem.reference) + [ctx.tokenizer.eos_token_id]]) for s in specs]  # type: ignore[operator]
+        if plan.on_policy:
+            model, n, sampling = ctx.student, self.samples_per_prompt, self.sampling
+        else:
+            model, n, sampling = ctx.teacher, self.teacher_samples_per_prompt, self.teacher_sampling
+        teacher_side = plan.data_source == "teacher"
+        prompts = [ctx.tokenize(s.teacher_prompt if teacher_side and s.teacher_prompt else s.student_prompt) for s in specs]
+        completions = ctx.engine_for(model).generate(prompts, n, sampling)
+        groups = []
+        for spec, samples in zip(specs, completions):
+            logprobs = [c.logprobs for c in samples] if plan.on_policy else None
+            group = ctx.score(spec, [c.token_ids for c in samples], logprobs)
+            if teacher_side and self.teacher_correct_only:
+                group = _keep_correct(group)
+            if group.token_ids:
+                groups.append(group)
+        return groups
+
+    def _measure(self, plan: RolloutPlan, groups: list[RolloutGroup]) -> list[GroupSummary]:
+        """K student samples of each problem of an off-policy batch whose pass rate is stale,
+        when a hook reads pass rates there. They count toward the student rollout tokens."""
+        ctx = self.ctx
+        if plan.on_policy or not any(hook.needs_pass_rates() for hook in self.hooks):
+            return []
+        stale = {}
+        for group in groups:
+            pid = group.spec.problem.problem_id
+            if ctx.pass_rates.is_stale(pid, plan.policy_version, self.pass_rate.refresh_every_n_steps):
+                stale.setdefault(pid, group.spec.problem)
+        if not stale:
+            return []
+        sampling = self.pass_rate.sampling(self.sampling.max_new_tokens)
+        prompts = [ctx.tokenize(p.prompt) for p in stale.values()]
+        with ctx.seeded("paced", plan.rollout_index):
+            completions = ctx.engine_for(ctx.student).generate(prompts, self.pass_rate.rollouts, sampling)
+        ctx.count_student_tokens(sum(len(c.token_ids) for samples in completions for c in samples))
+        return [
+            ctx.score(PromptSpec(problem), [c.token_ids for c in samples]).summary(ctx.rank, on_policy=True)
+            for problem, samples in zip(stale.values(), completions)
+        ]
+
+    def _gather(self, plan: RolloutPlan, groups: list[RolloutGroup], measured: list[GroupSummary]) -> list[GroupSummary]:
+        """Every rank's group summaries and counts; updates the run totals and the pass-rate tracker."""
+        ctx = self.ctx
+        local = [g.summary(ctx.rank, plan.on_policy) for g in groups]
+        parts = ctx.gather((local, measured, ctx.take_pending()))
+        ctx.reduce_counters([counts for _, _, counts in parts])
+        summaries = [s for rows, _, _ in parts for s in rows]
+        for s in summaries:
+            if s.on_policy and s.kind == "plain":
+                ctx.pass_rates.update(s.problem_id, s.rewards, plan.policy_version)
+        for _, rows, _ in parts:
+            for s in rows:
+                ctx.pass_rates.update(s.problem_id, s.rewards, plan.policy_version)
+        return summaries
+
+    def _advantages(self, summaries: list[GroupSummary], local_groups: int) -> list[float]:
+        """Advantages of this rank's rows, computed over the groups of every rank."""
+        rewards = torch.tensor([r for s in summaries for r in s.rewards])
+        ids = torch.tensor([k for k, s in enumerate(summaries) for _ in s.rewards])
+        if self.advantage_estimator == "reinforce_pp":
+            advantages = reinforce_pp_advantages(rewards, ids)
+        else:
+            advantages = group_advantages(rewards, ids, scale_by_std=self.advantage_scale_by_std)
+        start = sum(len(s.rewards) for s in summaries if s.rank < self.ctx.rank)
+        rows = sum(len(s.rewards) for s in summaries if s.rank == self.ctx.rank)
+        assert sum(s.rank == self.ctx.rank for s in summaries) == local_groups
+        return advantages[start : start + rows].tolist()
+
+
+def _multiply(groups: list[RolloutGroup], factors: list[list[float]], name: str) -> None:
+    if len(factors) != len(groups) or any(len(f) != len(g.weights) for f, g in zip(factors, groups)):
+        raise RuntimeError(f"{name}.on_weight must return one factor per sample of every group")
+    for group, row in zip(groups, factors):
+        group.weights = [w * f for w, f in zip(group.weights, row)]
+
+
+def _check_declared(hook: RolloutHook, changed: set[str], where: str) -> None:
+    undeclared = sorted(changed - hook.rollout_controls())
+    if undeclared:
+        raise RuntimeError(
+            f"{type(hook).__name__} changed {where} {', '.join(undeclared)} without declaring it in rollout_controls()"
+        )
+
+
+def _keep_correct(group: RolloutGroup) -> RolloutGroup:
+    keep = [i for i, r in enumerate(group.rewards) if r > 0]
+    return RolloutGroup(
+        spec=group.spec,
+        token_ids=[group.token_ids[i] for i in keep],
+        texts=[group.texts[i] for i in keep],
+        rewards=[group.rewards[i] for i in keep],
+    )
