@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+from lit_zpd.loss_config import LossConfig
+from lit_zpd.rollout.context import RolloutContext
+from lit_zpd.rollout.engine import Completion, RolloutEngine, SamplingConfig
+from lit_zpd.tasks.problem import Problem, ProblemSource
 from lit_zpd.tokenizer import build_char_tokenizer
 
 
@@ -47,3 +52,59 @@ def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> str:
 def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     """Nothing in the suite may reach a model hub."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+class ByteTokenizer:
+    """Bytes as token ids; id 0 pads, id 1 ends a sequence. Enough of a tokenizer for the context."""
+
+    pad_token_id = 0
+    eos_token_id = 1
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        return {"input_ids": list(text.encode())}
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return bytes(i for i in ids if i > 1).decode()
+
+
+class ScriptedEngine(RolloutEngine):
+    """Answers each prompt (by its text) with scripted responses, cycling through them."""
+
+    def __init__(self, answers: dict[str, list[str]]) -> None:
+        self.answers = answers
+        self.calls: list[tuple[list[str], int, SamplingConfig]] = []
+
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingConfig) -> list[list[Completion]]:
+        texts = [bytes(p).decode() for p in prompts]
+        self.calls.append((texts, n, sampling))
+        scripted = [[self.answers[t][i % len(self.answers[t])] for i in range(n)] for t in texts]
+        return [[Completion(list(a.encode()), [0.0] * len(a)) for a in answers] for answers in scripted]
+
+
+class ListSource(ProblemSource):
+    """Problems ``p0 .. p{n-1}``: prompt ``"{i}+1=?\\n"``, answer ``i + 1``, all in train."""
+
+    def __init__(self, n: int = 200) -> None:
+        self.rows = [Problem(problem_id=f"p{i}", prompt=f"{i}+1=?\n", answer=str(i + 1)) for i in range(n)]
+
+    def problems(self, split: str) -> list[Problem]:
+        return list(self.rows) if split == "train" else []
+
+
+@pytest.fixture
+def make_context() -> Callable[..., RolloutContext]:
+    """A RolloutContext over :class:`ListSource` whose student and teacher are sampled by
+    scripted engines: for unit tests of rollout hooks, with no model and no trainer."""
+
+    def make(
+        engine: RolloutEngine | None = None, rank: int = 0, world_size: int = 1, teacher: bool = True, seed: int = 0
+    ) -> RolloutContext:
+        student, teacher_model = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+        scripted = engine or ScriptedEngine({})
+        return RolloutContext(
+            student=student, teacher=teacher_model if teacher else None, tokenizer=ByteTokenizer(),
+            source=ListSource(), engine_factory=lambda model: scripted, seed=seed, loss=LossConfig(forward_kl=1.0),
+            rank=rank, world_size=world_size,
+        )
+
+    return make

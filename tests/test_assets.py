@@ -33,7 +33,7 @@ def test_unknown_embedded_name() -> None:
 
 
 def evaluate(model: str) -> dict[str, float]:
-    module = DistillModule(student=model, teacher=None, report_start_end=False)
+    module = DistillModule(student=model, teacher=None)
     data = RolloutDataModule(eval_samples=8, eval_sampling=SamplingConfig(temperature=1.0, max_new_tokens=48))
     trainer = Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.validate(module, datamodule=data)

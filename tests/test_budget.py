@@ -18,15 +18,15 @@ class TokenLog(Callback):
         self.minibatch: list[int] = []
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.spent.append(trainer.datamodule.student_tokens)
-        self.minibatch.append(batch["minibatch_index"])
+        self.spent.append(trainer.datamodule.counters.student_tokens)
+        self.minibatch.append(batch.minibatch_index)
 
 
 @pytest.mark.parametrize("minibatches", [1, 2])
 def test_stops_at_the_first_rollout_boundary_past_the_budget(tiny_student: str, minibatches: int) -> None:
     def run(callbacks: list[Callback]) -> TokenLog:
         log = TokenLog()
-        module = DistillModule(student=tiny_student, teacher=None, loss=LossConfig(policy=1.0), report_start_end=False)
+        module = DistillModule(student=tiny_student, teacher=None, loss=LossConfig(policy=1.0))
         make_trainer(8, [log, *callbacks]).fit(module, datamodule=make_data(ppo_minibatches=minibatches))
         return log
 

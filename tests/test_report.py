@@ -6,14 +6,19 @@ import pytest
 import torch
 
 from lit_zpd.report import accuracy_table, forgetting, solved, summarize
+from lit_zpd.rollout.batch import EvalBatch
+
+
+def results(skills: list[str], greedy: list[float], sampled: list[float] | None = None, ids: list[str] | None = None) -> EvalBatch:
+    ids = ids or [f"p{i}" for i in range(len(skills))]
+    return EvalBatch(
+        problem_ids=ids, skills=skills, prompts=[""] * len(ids), greedy_correct=torch.tensor(greedy),
+        greedy_texts=[""] * len(ids), sample_pass_rate=torch.tensor(sampled) if sampled is not None else None,
+    )
 
 
 def test_summarize_per_skill_overall_and_partial_fraction() -> None:
-    batches = [
-        {"skills": ["b", "a"], "greedy_correct": torch.tensor([1.0, 0.0]), "sample_pass_rate": torch.tensor([0.5, 0.0])},
-        {"skills": ["b"], "greedy_correct": torch.tensor([0.0]), "sample_pass_rate": torch.tensor([1.0])},
-    ]
-    out = summarize(batches)
+    out = summarize(results(["b", "a", "b"], [1.0, 0.0, 0.0], [0.5, 0.0, 1.0]))
     assert list(out) == [
         "greedy/b", "greedy/a", "greedy/all", "mean_at_k/b", "mean_at_k/a", "mean_at_k/all", "partial_fraction",
     ]
@@ -24,7 +29,7 @@ def test_summarize_per_skill_overall_and_partial_fraction() -> None:
 
 
 def test_greedy_only_batches_have_no_sampled_metrics() -> None:
-    out = summarize([{"skills": ["a"], "greedy_correct": torch.tensor([1.0])}])
+    out = summarize(results(["a"], [1.0]))
     assert out == {"greedy/a": 1.0, "greedy/all": 1.0}
 
 
@@ -37,11 +42,11 @@ def test_table_marks_missing_cells() -> None:
 
 
 def test_forgetting_counts_only_problems_solved_before() -> None:
-    def results(correct: list[float]) -> list[dict]:
-        return [{"problem_ids": ["p1", "p2", "p3", "p4"], "skills": ["a", "a", "b", "c"], "greedy_correct": torch.tensor(correct)}]
+    def graded(correct: list[float]) -> EvalBatch:
+        return results(["a", "a", "b", "c"], correct, ids=["p1", "p2", "p3", "p4"])
 
-    before = solved(results([1.0, 1.0, 1.0, 0.0]))
+    before = solved(graded([1.0, 1.0, 1.0, 0.0]))
     assert before == ["p1", "p2", "p3"]
-    out = forgetting(before, results([0.0, 1.0, 1.0, 1.0]))  # p1 forgotten; p4 newly solved does not count
+    out = forgetting(before, graded([0.0, 1.0, 1.0, 1.0]))  # p1 forgotten; p4 newly solved does not count
     assert out == {"forgotten/a": 0.5, "forgotten/b": 0.0, "forgotten/all": pytest.approx(1 / 3), "solved_before/all": 3.0}
-    assert forgetting([], results([1.0, 1.0, 1.0, 1.0])) == {"forgotten/all": 0.0, "solved_before/all": 0.0}
+    assert forgetting([], graded([1.0, 1.0, 1.0, 1.0])) == {"forgotten/all": 0.0, "solved_before/all": 0.0}

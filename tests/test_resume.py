@@ -18,13 +18,13 @@ class BatchLog(Callback):
         self.batches: list[tuple[int, list[str], torch.Tensor]] = []
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        self.batches.append((batch["batch_index"], batch["problem_ids"], batch["input_ids"].clone()))
+        self.batches.append((batch.batch_index, batch.problem_ids, batch.input_ids.clone()))
 
 
 def run(student: str, teacher: str, steps: int, root: Path, ckpt_path: str | None = None) -> tuple[DistillModule, BatchLog]:
     seed_everything(0)
     module = DistillModule(
-        student=student, teacher=teacher, loss=LossConfig(jsd=1.0, sft=0.1), report_start_end=False,
+        student=student, teacher=teacher, loss=LossConfig(jsd=1.0, sft=0.1),
         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
     )
     log = BatchLog()

@@ -115,9 +115,10 @@ class RolloutBatch:
             raise RuntimeError(f"rollout {self.rollout_index} has {self.size} rows, fewer than data.ppo_minibatches={parts}")
         order = list(range(self.size))
         random.Random(repr(seed)).shuffle(order)
-        return [self._take(sorted(order[k::parts]), minibatch_index=k, num_minibatches=parts) for k in range(parts)]
+        return [self.take(sorted(order[k::parts]), minibatch_index=k, num_minibatches=parts) for k in range(parts)]
 
-    def _take(self, rows: list[int], **overrides: Any) -> RolloutBatch:
+    def take(self, rows: list[int], **overrides: Any) -> RolloutBatch:
+        """The batch of ``rows`` only (row fields indexed, the others shared), with ``overrides``."""
         n = self.size
         changes: dict[str, Any] = {}
         for f in fields(self):
