@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lit_zpd.callbacks.report import AccuracyReport  # noqa: E402
 from lit_zpd.cli import main as lit_zpd  # noqa: E402
 from lit_zpd.tasks.arithmetic import SKILL_GRAPH  # noqa: E402
 
@@ -30,15 +31,15 @@ def run(name: str, overrides: list[str]) -> dict[str, object]:
     start = time.time()
     config = ROOT / "configs" / f"{name}.yaml"
     cli = lit_zpd(["fit", f"--config={config}", "--trainer.enable_progress_bar=false", *overrides])
-    module = cli.model
+    report = next(c for c in cli.trainer.callbacks if isinstance(c, AccuracyReport))
     return {
         "name": name,
         "minutes": (time.time() - start) / 60,
         "steps": cli.trainer.global_step,
-        "student_tokens": cli.datamodule.student_tokens,
-        "start": module.start_report["student"],
-        "end": module.end_report["student"],
-        "teacher": module.start_report.get("teacher", {}),
+        "student_tokens": cli.datamodule.counters.student_tokens,
+        "start": report.start["student"],
+        "end": report.end["student"],
+        "teacher": report.start.get("teacher", {}),
         # Callbacks that keep run-level counters (e.g. the ZPPO replay buffer) report them too.
         "callbacks": {type(c).__name__: c.summary() for c in cli.trainer.callbacks if hasattr(c, "summary")},
     }

@@ -46,7 +46,7 @@ def test_baseline_runs_a_few_steps(name: str, tmp_path: Path, capsys: pytest.Cap
             "--trainer.enable_progress_bar=false",
             f"--trainer.default_root_dir={tmp_path}",
             f"--trainer.logger.init_args.save_dir={tmp_path}",
-            "--model.log_samples_every_n_steps=1",
+            "--rollout_log.init_args.every_n_steps=1",
             "--data.source=lit_zpd.tasks.ArithmeticCurriculum",
             "--data.source.max_eval_per_skill=2",
             "--data.prompts_per_step=4",
@@ -115,7 +115,7 @@ def test_console_script_exits_zero(tmp_path: Path) -> None:
         pytest.skip("lit-zpd is not installed in this environment")
     result = subprocess.run(
         [str(script), "fit", f"--config={ROOT / 'configs' / 'sft.yaml'}", "--trainer.max_steps=1",
-         "--trainer.val_check_interval=1", "--trainer.enable_progress_bar=false", "--model.report_start_end=false",
+         "--trainer.val_check_interval=1", "--trainer.enable_progress_bar=false", "--report=null",
          "--data.eval_samples=0", f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
          "--data.source=lit_zpd.tasks.ArithmeticCurriculum", "--data.source.max_eval_per_skill=1"],
         capture_output=True, text=True, check=False, cwd=tmp_path,

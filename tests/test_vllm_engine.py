@@ -149,7 +149,7 @@ class SyncProbe(Callback):
         self.sync_seconds: list[float] = []
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        self.sync_seconds.append(batch.sync_seconds)
+        self.sync_seconds.append(batch.metrics["rollout/weight_sync_seconds"])
 
 
 def test_fit_with_vllm_has_zero_policy_lag(tiny_student: str) -> None:

@@ -1,0 +1,53 @@
+"""A callback for multi-process tests: each rank writes what it trained on and what it ended with.
+
+Loaded by the ``lit-zpd`` processes the DDP tests start
+(``--trainer.callbacks+=tests.ddp_probe.RankRecorder``), so it lives in an importable module.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lit_zpd.rollout.plan import RolloutHook
+
+
+class RankRecorder(Callback):
+    """Writes ``<out_dir>/rank<k>.json``: the batches this rank trained on (step, rollout,
+    minibatch, problem ids, kinds, replayed rows' ids), and at the end of ``fit`` the rollout
+    hooks' states, the data module's rollout state and a digest of the student's weights.
+
+    Args:
+        out_dir: Where the files go.
+    """
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+        self.batches: list[dict[str, Any]] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self.batches.append({
+            "step": trainer.global_step, "rollout": batch.rollout_index, "minibatch": batch.minibatch_index,
+            "problem_ids": batch.problem_ids, "kinds": batch.kinds, "policy_version": batch.policy_version,
+        })
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        data = trainer.datamodule
+        weights = torch.cat([p.detach().flatten().double() for p in pl_module.student.parameters()])
+        record = {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "batches": self.batches,
+            "hooks": {type(cb).__name__: cb.state_dict() for cb in trainer.callbacks if isinstance(cb, RolloutHook)},
+            "pass_rates": data.pass_rates.state_dict(),
+            "student_tokens": data.counters.student_tokens,
+            "global_step": trainer.global_step,
+            "weights": [float(weights.sum()), float(weights.pow(2).sum())],
+        }
+        Path(self.out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(self.out_dir) / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
