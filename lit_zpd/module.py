@@ -40,7 +40,7 @@ from lit_zpd.losses import (
     sampled_token_kl_advantage,
 )
 from lit_zpd.rollout.batch import EvalBatch, RolloutBatch
-from lit_zpd.teacher import SELF_TEACHERS, load_teacher
+from lit_zpd.teacher import SELF_TEACHERS, AdaptersDisabled, load_teacher
 
 __all__ = ["DIVERGENCES", "ROLLOUT_TERMS", "TEACHER_TERMS", "DistillModule", "LoraSettings", "LossConfig"]
 
@@ -125,7 +125,7 @@ class DistillModule(LightningModule):
         # Only a teacher with weights of its own is a submodule (frozen, kept out of checkpoints);
         # a view of the student must not alias the student's weights in the state dict.
         self.teacher_model = view if isinstance(view, nn.Module) and view is not self.student else None
-        self._teacher_view = view
+        self._adapters_off = view if isinstance(view, AdaptersDisabled) else None
         self.teacher_kind = None if teacher is None else teacher if teacher in SELF_TEACHERS else "model"
         self.eval_metrics = nn.ModuleDict()
 
@@ -133,7 +133,9 @@ class DistillModule(LightningModule):
     def teacher(self) -> Any:
         """The teacher as a model: a frozen model, the student itself, or the student with its
         LoRA adapters disabled; ``None`` without one."""
-        return self._teacher_view
+        if self.teacher_kind == "self_live":
+            return self.student
+        return self.teacher_model if self.teacher_model is not None else self._adapters_off
 
     # ----------------------------------------------------------------------------- helpers
 
