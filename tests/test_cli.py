@@ -5,8 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lit_zpd.cli import main
@@ -121,3 +123,33 @@ def test_console_script_exits_zero(tmp_path: Path) -> None:
         capture_output=True, text=True, check=False, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["grpo", "paced"])
+def test_cli_resume_matches_an_uninterrupted_run(name: str, tmp_path: Path) -> None:
+    """``lit-zpd fit --ckpt_path .../last.ckpt`` continues an interrupted run exactly as if it had
+    not stopped (PACED is interrupted before its stage switch and resumes across it)."""
+
+    def fit(out: Path, steps: int, *extra: str) -> Any:
+        return main(
+            [
+                "fit", f"--config={ROOT / 'configs' / f'{name}.yaml'}", f"--trainer.max_steps={steps}",
+                "--trainer.val_check_interval=100", "--trainer.enable_progress_bar=false",
+                f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
+                "--report=null", "--data.prompts_per_step=4", "--data.eval_samples=0", "--checkpoint.every_n_train_steps=1",
+                "--data.source=lit_zpd.tasks.ArithmeticCurriculum", "--data.source.max_eval_per_skill=1", *extra,
+            ]
+        )
+
+    full = fit(tmp_path / "full", 6)
+    first = fit(tmp_path / "first", 6, "--trainer.callbacks+=tests.probes.StopAtStep", "--trainer.callbacks.step=3")
+    assert [type(c).__name__ for c in first.trainer.callbacks if type(c).__name__ in ("KLSchedule", "StopAtStep")] == (
+        ["KLSchedule", "StopAtStep"] if name == "paced" else ["StopAtStep"]
+    )
+    last = next((tmp_path / "first").rglob("last.ckpt"))
+    assert torch.load(last, weights_only=False)["global_step"] == 3
+    resumed = fit(tmp_path / "resumed", 6, f"--ckpt_path={last}")
+    assert resumed.trainer.global_step == full.trainer.global_step == 6
+    for (key, a), b in zip(full.model.student.state_dict().items(), resumed.model.student.state_dict().values()):
+        assert torch.equal(a, b), key
+    assert resumed.datamodule.state_dict() == full.datamodule.state_dict()

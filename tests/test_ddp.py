@@ -2,7 +2,7 @@
 
 Each rank must roll out its own problems, every callback's state must be identical on both ranks,
 the weights must stay in sync, and a run resumed mid-rollout must continue exactly as an
-uninterrupted one on every rank. :class:`tests.ddp_probe.RankRecorder` writes what each rank saw.
+uninterrupted one on every rank. :class:`tests.probes.RankRecorder` writes what each rank saw.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def fit(config: str, out: Path, *args: str) -> list[dict[str, Any]]:
         f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
         "--data.source=lit_zpd.tasks.ArithmeticCurriculum", "--data.source.max_eval_per_skill=2",
         "--data.prompts_per_step=4", "--data.eval_samples=2", "--checkpoint.every_n_train_steps=1",
-        "--trainer.callbacks+=tests.ddp_probe.RankRecorder", f"--trainer.callbacks.out_dir={out / 'ranks'}", *args,
+        "--trainer.callbacks+=tests.probes.RankRecorder", f"--trainer.callbacks.out_dir={out / 'ranks'}", *args,
     ]
     env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)

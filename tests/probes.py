@@ -1,7 +1,7 @@
 """A callback for multi-process tests: each rank writes what it trained on and what it ended with.
 
 Loaded by the ``lit-zpd`` processes the DDP tests start
-(``--trainer.callbacks+=tests.ddp_probe.RankRecorder``), so it lives in an importable module.
+(``--trainer.callbacks+=tests.probes.RankRecorder``), so it lives in an importable module.
 """
 
 from __future__ import annotations
@@ -51,3 +51,19 @@ class RankRecorder(Callback):
         }
         Path(self.out_dir).mkdir(parents=True, exist_ok=True)
         (Path(self.out_dir) / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+class StopAtStep(Callback):
+    """Stops ``fit`` after optimizer step ``step`` as an interruption would, leaving the run's
+    settings (``max_steps``, schedules) those of the whole run.
+
+    Args:
+        step: Optimizer steps to take.
+    """
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
