@@ -82,3 +82,39 @@ def test_score_response():
     assert score_response("the answer is 72", "72") == 0.0
     assert score_response("\\boxed{72} no wait \\boxed{73}", "72") == 0.0
     assert score_response("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}") == 1.0
+
+
+def test_verifiers_by_name() -> None:
+    from lit_zpd.tasks.verifier import make_verifier
+
+    assert make_verifier("boxed").score("so \\boxed{1,000}", "1000") == 1.0
+    assert make_verifier("gsm8k").score("3 + 4 = 7\n#### 7", "7") == 1.0
+    assert make_verifier("gsm8k").score("\\boxed{7}", "7") == 0.0
+    last = make_verifier("last_number")
+    assert last.score("47 + 38 = 85, so the answer is 85.", "85") == 1.0
+    assert last.score("47 + 38 = 114", "85") == 0.0
+    assert last.extract("no digits") is None
+    with pytest.raises(ValueError, match="data.source.verifier: expected one of boxed, gsm8k, last_number, math_verify"):
+        make_verifier("regex", "data.source.verifier")  # type: ignore[arg-type]
+
+
+def test_math_verify_compares_latex_answers() -> None:
+    pytest.importorskip("math_verify", reason="math-verify is not installed: pip install 'lit-zpd[math]'")
+    from lit_zpd.tasks.verifier import MathVerifyVerifier
+
+    verifier = MathVerifyVerifier()
+    assert verifier.score("The answer is $\\boxed{\\frac{1}{2}}$.", "0.5") == 1.0
+    assert verifier.score("\\boxed{0.5}", "\\frac{1}{2}") == 1.0
+    assert verifier.score("\\boxed{\\frac{1}{3}}", "0.5") == 0.0
+    assert verifier.score("\\boxed{72}", "72") == 1.0
+
+
+def test_a_source_takes_its_verifier_from_yaml(tmp_path) -> None:
+    from lit_zpd.cli import main
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"prompt": "2+2?", "answer": "4"}\n' * 3)
+    cli = main(["--config", "configs/sft.yaml", "--data.source=lit_zpd.tasks.DatasetSource",
+                f"--data.source.path={data}", "--data.source.verifier=last_number"], run=False)
+    assert type(cli.datamodule.source.verifier).__name__ == "LastNumberVerifier"
+    assert cli.datamodule.source.verifier.score("it is 4", "4") == 1.0

@@ -127,10 +127,6 @@ class RolloutPlan:
     def on_policy(self) -> bool:
         return self.data_source == "student"
 
-    @property
-    def new_problems(self) -> list[Problem]:
-        return [spec.problem for spec in self.prompts[: self.drawn]]
-
 
 @dataclass
 class RolloutGroup:
