@@ -11,6 +11,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lit_zpd.callbacks.report import AccuracyReport
 from lit_zpd.cli import main
 from lit_zpd.module import DistillModule
 from lit_zpd.rollout.datamodule import RolloutDataModule
@@ -136,7 +137,7 @@ def test_cli_resume_matches_an_uninterrupted_run(name: str, tmp_path: Path) -> N
                 "fit", f"--config={ROOT / 'configs' / f'{name}.yaml'}", f"--trainer.max_steps={steps}",
                 "--trainer.val_check_interval=100", "--trainer.enable_progress_bar=false",
                 f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
-                "--report=null", "--data.prompts_per_step=4", "--data.eval_samples=0", "--checkpoint.every_n_train_steps=1",
+                "--data.prompts_per_step=4", "--data.eval_samples=0", "--checkpoint.every_n_train_steps=1",
                 "--data.source=lit_zpd.tasks.ArithmeticCurriculum", "--data.source.max_eval_per_skill=1", *extra,
             ]
         )
@@ -153,3 +154,6 @@ def test_cli_resume_matches_an_uninterrupted_run(name: str, tmp_path: Path) -> N
     for (key, a), b in zip(full.model.student.state_dict().items(), resumed.model.student.state_dict().values()):
         assert torch.equal(a, b), key
     assert resumed.datamodule.state_dict() == full.datamodule.state_dict()
+    # The report's start is the run's real start, kept across the resume; its end is the same.
+    reports = [next(c for c in cli.trainer.callbacks if isinstance(c, AccuracyReport)) for cli in (full, resumed)]
+    assert reports[0].start == reports[1].start and reports[0].end == reports[1].end

@@ -81,7 +81,8 @@ class RolloutDataModule(LightningDataModule):
         teacher_sampling: Sampling of teacher responses; ``sampling`` if ``None``.
         engine: Rollout engine of the student: ``hf`` (Hugging Face ``generate`` on the live
             student) or ``vllm`` (colocated vLLM, synced after each optimizer step; needs
-            ``sampling.top_p`` 1). The teacher always uses ``hf``.
+            ``sampling.top_p`` 1). A separate teacher always uses ``hf`` (a ``self_live``
+            teacher is the student and shares its engine).
         vllm: Options of the ``vllm`` engine; defaults if ``None``.
         generation_batch_size: Sequences per engine call.
         advantage_scale_by_std: GRPO advantages divided by the group's std (Dr. GRPO if False).
