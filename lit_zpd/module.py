@@ -25,6 +25,7 @@ import peft
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
@@ -40,7 +41,7 @@ from lit_zpd.losses import (
     sampled_token_kl_advantage,
 )
 from lit_zpd.rollout.batch import EvalBatch, RolloutBatch
-from lit_zpd.teacher import SELF_TEACHERS, AdaptersDisabled, load_teacher
+from lit_zpd.teacher import SELF_TEACHERS, AdaptersDisabled, evaluating, load_teacher
 
 __all__ = ["DIVERGENCES", "ROLLOUT_TERMS", "TEACHER_TERMS", "DistillModule", "LoraSettings", "LossConfig"]
 
@@ -127,6 +128,7 @@ class DistillModule(LightningModule):
         self.teacher_model = view if isinstance(view, nn.Module) and view is not self.student else None
         self._adapters_off = view if isinstance(view, AdaptersDisabled) else None
         self.teacher_kind = None if teacher is None else teacher if teacher in SELF_TEACHERS else "model"
+        self._warned_self = False
         self.eval_metrics = nn.ModuleDict()
 
     @property
@@ -138,9 +140,6 @@ class DistillModule(LightningModule):
         return self.teacher_model if self.teacher_model is not None else self._adapters_off
 
     # ----------------------------------------------------------------------------- helpers
-
-    def tokenize(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     @override
     def train(self, mode: bool = True) -> DistillModule:
@@ -242,8 +241,14 @@ class DistillModule(LightningModule):
         return chunked_token_logprobs(t_hidden, t_head, targets, temperature, self.loss_config.chunk_size)
 
     def _teacher_hidden(self, batch: RolloutBatch, n_tokens: int) -> tuple[Tensor, Any]:
+        if self.teacher_kind in SELF_TEACHERS and batch.teacher_input_ids is batch.input_ids and not self._warned_self:
+            self._warned_self = True
+            rank_zero_warn(
+                f"model.teacher: {self.teacher_kind} sees exactly what the student sees (no privileged teacher prompt "
+                "in the batch): the divergence to it carries no signal"
+            )
         t_mask = batch.teacher_response_mask[:, 1:].bool()
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(self.teacher):
             t_hidden = _final_hidden(self.teacher, batch.teacher_input_ids, batch.teacher_attention_mask)
         t_hidden = t_hidden[:, :-1][t_mask]
         if t_hidden.shape[0] != n_tokens:

@@ -11,8 +11,10 @@
 
 A teacher that can be rebuilt is never saved in checkpoints: a directory teacher is reloaded from
 its directory, a ``self_initial`` copy is made again from the student's directory, and the
-others have no weights of their own. The privileged context a self-teacher reads (a reference
-solution in its prompt) comes with the batch's ``teacher_input_ids``.
+others have no weights of their own. A self-teacher differs from the student only by what it
+reads: a privileged context (a reference solution in its prompt, ``PromptSpec.teacher_prompt``,
+set by a rollout hook) that reaches the module as the batch's ``teacher_input_ids``. Without one,
+every divergence to a ``self_live`` teacher is 0; the module warns.
 """
 
 from __future__ import annotations
@@ -66,8 +68,8 @@ class AdaptersDisabled:
 
         return run
 
-    def get_output_embeddings(self) -> nn.Module:
-        return self.student.get_output_embeddings()
+    def get_output_embeddings(self) -> _HeadOff:
+        return _HeadOff(self)
 
     def parameters(self) -> Iterator[nn.Parameter]:
         return self.student.parameters()
@@ -83,6 +85,34 @@ class AdaptersDisabled:
     def train(self, mode: bool = True) -> AdaptersDisabled:
         self.student.train(mode)
         return self
+
+
+class _HeadOff:
+    """The student's output head, run with the adapters off (LoRA may target ``lm_head`` too)."""
+
+    def __init__(self, view: AdaptersDisabled) -> None:
+        self.view = view
+        self.head = view.student.get_output_embeddings()
+
+    @property
+    def out_features(self) -> int:
+        return self.head.out_features
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        with self.view._off():
+            return self.head(hidden)
+
+
+@contextmanager
+def evaluating(model: Any) -> Iterator[None]:
+    """``model`` in eval mode (no dropout) for a block, its mode restored after: a self-teacher is
+    the training student."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def load_teacher(spec: str, student: nn.Module, student_tokenizer: Any) -> Any:

@@ -114,8 +114,7 @@ def teacher_pipeline(ctx: RolloutContext, hooks: list[Any], refresh: int = 1) ->
     return RolloutPipeline(
         ctx, ProblemSampler(ctx.source.problems("train"), 3, seed=0), hooks,
         samples_per_prompt=2, data_source="teacher", lmbda=None, off_policy_source="teacher",
-        teacher_samples_per_prompt=2, teacher_correct_only=False, sampling=SamplingConfig(max_new_tokens=8),
-        teacher_sampling=SamplingConfig(), advantage_estimator="grpo", advantage_scale_by_std=True,
+        teacher_samples_per_prompt=2, teacher_correct_only=False, advantage_estimator="grpo", advantage_scale_by_std=True,
         pass_rate=PassRateSettings(rollouts=4, temperature=0.7, refresh_every_n_steps=refresh),
     )
 

@@ -17,6 +17,10 @@ from lit_zpd.teacher import AdaptersDisabled
 from tests.test_rollout import make_data, make_trainer
 
 
+def tokenize(module: DistillModule, text: str) -> list[int]:
+    return module.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def privileged_batch(module: DistillModule) -> tuple[list[str], list[list[int]], object]:
     """Rows whose teacher prompt carries a reference solution the student's prompt lacks; prompts of
     different lengths so that rows pad differently on the two sides."""
@@ -24,11 +28,11 @@ def privileged_batch(module: DistillModule) -> tuple[list[str], list[list[int]],
     for i, (prompt, reference) in enumerate([("12+7=?\n", "2+7+0=9\n1+0+0=1\n\\boxed{19}"), ("3*4=?\n", "\\boxed{12}")]):
         problem = Problem(f"p{i}", prompt, "0", reference=reference)
         teacher_prompt = f"{prompt}Reference:\n{reference}\nNow solve it yourself.\n{prompt}"
-        rows = [module.tokenize(text) for text in ("7+2=9\n\\boxed{9}", "1\n\\boxed{1}", "\\boxed{12}")[i:]]
+        rows = [tokenize(module, text) for text in ("7+2=9\n\\boxed{9}", "1\n\\boxed{1}", "\\boxed{12}")[i:]]
         groups.append(RolloutGroup(PromptSpec(problem, teacher_prompt=teacher_prompt), rows, [""] * len(rows), [0.0] * len(rows)))
         teacher_prompts += [teacher_prompt] * len(rows)
         responses += rows
-    batch = build_batch(groups, module.tokenize, module.tokenizer.pad_token_id, "student")
+    batch = build_batch(groups, lambda text: tokenize(module, text), module.tokenizer.pad_token_id, "student")
     return teacher_prompts, responses, batch
 
 
@@ -41,9 +45,9 @@ def test_response_tokens_align_with_a_privileged_teacher_prompt(tiny_student: st
     separate = []
     with torch.no_grad():
         for prompt, response in zip(teacher_prompts, responses):
-            ids = module.tokenize(prompt) + response
+            ids = tokenize(module, prompt) + response
             logits = module.teacher(input_ids=torch.tensor([ids])).logits[0, :, : len(module.tokenizer)]
-            at = torch.arange(len(module.tokenize(prompt)) - 1, len(ids) - 1)
+            at = torch.arange(len(tokenize(module, prompt)) - 1, len(ids) - 1)
             separate.append(torch.log_softmax(logits[at], -1).gather(-1, torch.tensor(response)[:, None])[:, 0])
     assert torch.allclose(from_batch, torch.cat(separate), atol=1e-5)
     terms, _ = module.loss_terms(batch)

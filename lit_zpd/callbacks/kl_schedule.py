@@ -112,7 +112,6 @@ class KLSchedule(Callback, RolloutHook):
         self.switch_at_fraction = switch_at_fraction
         self.switched = False
         self.switched_at_step: int | None = None
-        self.active: StageName = "before"
         self._switch_step: int | None = None  # switch_step(trainer), fixed at setup
 
     @property
@@ -163,7 +162,6 @@ class KLSchedule(Callback, RolloutHook):
         plan.data_source = stage.data_source
         plan.loss = stage_loss(ctx.loss, stage)
         plan.metrics["train/kl_stage"] = float(name == "after")
-        self.active = name
         if name == "after" and not self.switched:
             self.switched, self.switched_at_step = True, plan.policy_version
             rank_zero_info(

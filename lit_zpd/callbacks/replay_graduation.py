@@ -126,6 +126,7 @@ class ReplayGraduationCallback(Callback, RolloutHook):
         self.graduations = 0
         self.evictions = 0
         self.graduation_visits = 0  # visits summed over graduated problems
+        self._teacher_solved = 0  # this rank's hard problems with a correct teacher response, this rollout
 
     @property
     @override
@@ -198,6 +199,7 @@ class ReplayGraduationCallback(Callback, RolloutHook):
             [self.ncq and bool(w) for w in wrong],
             cap,
         )
+        self._teacher_solved = sum(bool(c) for c in teacher)
         rng = ctx.rng("bcq", self.seed, plan.rollout_index, per_rank=True)
         specs = []
         for i, kind in order:
@@ -207,20 +209,22 @@ class ReplayGraduationCallback(Callback, RolloutHook):
                 prompt = build_bcq(text, correct, wrong_one, rng.random() < 0.5, self.templates, self.compressor)
             else:
                 prompt = build_ncq(
-                    text, wrong[i][: self.ncq_max_candidates], self.templates, self.compressor, ctx.verifier.extract
+                    text, wrong[i][: self.ncq_max_candidates], self.templates, self.compressor, ctx.extract_answer
                 )
             specs.append(PromptSpec(problem, kind=kind, student_prompt=prompt, replayed=hard[i].spec.replayed))
-        plan.metrics |= {
-            "replay/step_hard": float(sum(g.spec.kind == "plain" and g.pass_rate < self.graduation_threshold for g in groups)),
-            "replay/step_bcq": float(sum(k == "bcq" for _, k in order)),
-            "replay/step_ncq": float(sum(k == "ncq" for _, k in order)),
-            "replay/step_teacher_solved": float(sum(bool(c) for c in teacher)),
-        }
         return specs
 
     @override
     def on_observe(self, ctx: RolloutContext, plan: RolloutPlan, summaries: list[GroupSummary]) -> None:
-        counts = {"admitted": 0, "graduated": 0, "evicted": 0}
+        # Counted over every rank's groups (the teacher's successes are gathered: they are per rank).
+        counts = {
+            "hard": sum(s.kind == "plain" and s.on_policy and s.pass_rate < self.graduation_threshold for s in summaries),
+            "bcq": sum(s.kind == "bcq" for s in summaries),
+            "ncq": sum(s.kind == "ncq" for s in summaries),
+            "teacher_solved": sum(ctx.gather(self._teacher_solved)),
+            "admitted": 0, "graduated": 0, "evicted": 0,
+        }
+        self._teacher_solved = 0
         for s in summaries:
             if s.kind != "plain":
                 continue

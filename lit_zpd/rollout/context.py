@@ -40,7 +40,7 @@ EngineFactory = Callable[[nn.Module], RolloutEngine]
 @dataclass
 class RolloutCounters:
     """Run totals, saved in checkpoints: student rollout tokens (the RL budget) and verifier
-    errors (responses scored 0 because the verifier raised)."""
+    errors (responses, in training or evaluation, scored 0 because the verifier raised)."""
 
     student_tokens: int = 0
     verifier_errors: int = 0
@@ -171,7 +171,7 @@ class RolloutContext:
 
     def score(self, spec: PromptSpec, token_ids: list[list[int]], logprobs: list[list[float]] | None = None) -> RolloutGroup:
         """Decode and verify completions of ``spec``. A response on which the verifier raises
-        scores 0 and is counted (``rollout/verifier_errors``); the run goes on."""
+        scores 0 and is counted (``rollout/verifier_errors_total``); the run goes on."""
         texts = [self.decode(ids) for ids in token_ids]
         return RolloutGroup(
             spec=spec, token_ids=token_ids, texts=texts,
@@ -186,12 +186,20 @@ class RolloutContext:
             self._pending.verifier_errors += 1
             return 0.0
 
+    def extract_answer(self, response: str) -> str | None:
+        """The verifier's reading of a response's final answer; ``None`` (and counted) if it raises."""
+        try:
+            return self.verifier.extract(response)
+        except Exception:  # noqa: BLE001 - as in reward
+            self._pending.verifier_errors += 1
+            return None
+
     # ----------------------------------------------------------------------------- randomness
 
     @contextmanager
     def seeded(self, *keys: object) -> Iterator[None]:
         """Seed torch's generator (engines draw from it) for a block, from the run's seed, ``keys``
-        and the rank: rank 0 draws what a single process draws, other ranks other noise."""
+        and the rank: rank 0's stream is a single process's, every other rank has its own."""
         rank = (("rank", self.rank),) if self.rank else ()
         with seeded(self.seed, *keys, *rank):
             yield

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
 from lit_zpd.assets import resolve
-from lit_zpd.loss_config import ROLLOUT_TERMS, LossConfig
+from lit_zpd.loss_config import LossConfig
 from lit_zpd.rollout.batch import EvalBatch, RolloutBatch
 from lit_zpd.rollout.context import RolloutContext, RolloutCounters
 from lit_zpd.rollout.engine import RolloutEngine, SamplingConfig
@@ -45,7 +45,7 @@ from lit_zpd.rollout.plan import DataSource, RolloutHook
 from lit_zpd.rollout.sampler import ProblemSampler
 from lit_zpd.rollout.vllm_engine import VLLMEngine, VLLMSettings
 from lit_zpd.tasks.arithmetic import ArithmeticCurriculum
-from lit_zpd.tasks.problem import ProblemSource, Split
+from lit_zpd.tasks.problem import Problem, ProblemSource, Split
 
 
 class _BatchIndices(IterableDataset):
@@ -59,6 +59,20 @@ class _BatchIndices(IterableDataset):
         while True:
             yield index
             index += 1
+
+
+class _EvalShard(IterableDataset):
+    """This rank's share of the validation problems (every ``world``-th from ``rank``), in batches:
+    each problem is evaluated once over all ranks, where a padded distributed sampler would repeat
+    some."""
+
+    def __init__(self, problems: list[Problem], rank: int, world: int, batch_size: int) -> None:
+        self.problems = problems[rank::world]
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[list[Problem]]:
+        for i in range(0, len(self.problems), self.batch_size):
+            yield self.problems[i : i + self.batch_size]
 
 
 class RolloutDataModule(LightningDataModule):
@@ -228,8 +242,6 @@ class RolloutDataModule(LightningDataModule):
                 off_policy_source=self.off_policy_source,
                 teacher_samples_per_prompt=self.teacher_samples_per_prompt,
                 teacher_correct_only=self.teacher_correct_only,
-                sampling=self.sampling,
-                teacher_sampling=self.teacher_sampling,
                 advantage_estimator=self.advantage_estimator,
                 advantage_scale_by_std=self.advantage_scale_by_std,
                 pass_rate=self.pass_rate,
@@ -254,23 +266,10 @@ class RolloutDataModule(LightningDataModule):
         self._pipeline = None  # the trainer's callbacks may have changed
         if not self.source.problems("train"):
             raise ValueError("data.source has no training problems")
-        hooks = self.hooks()
-        controlled = set().union(*(h.rollout_controls() for h in hooks)) if hooks else set()
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        if module is not None and stage == "fit" and not controlled & {"loss", "data_source"}:
-            self._check_loss(module.loss_config, module.teacher is not None)
-        self.pipeline  # noqa: B018 - builds it now, so a conflict between hooks is reported at setup
-
-    def _check_loss(self, loss: LossConfig, has_teacher: bool) -> None:
-        on_policy_only = sorted(loss.active.keys() & set(ROLLOUT_TERMS))
-        if on_policy_only and (self.lmbda is not None or self.data_source != "student"):
-            raise ValueError(
-                f"model.loss uses {on_policy_only}, which need student rollouts: "
-                "set data.data_source: student and data.lmbda: null"
-            )
-        sources = {self.data_source} if self.lmbda is None else {"student", self.off_policy_source}
-        if "teacher" in sources and not has_teacher:
-            raise ValueError("data asks for teacher samples: set model.teacher")
+        pipeline = self.pipeline  # built now, so a conflict between hooks is reported at setup
+        controlled = set().union(*(h.rollout_controls() for h in pipeline.hooks))
+        if stage == "fit" and not controlled & {"loss", "data_source"}:
+            pipeline.check_setup()
 
     @property
     def skills(self) -> list[str]:
@@ -282,7 +281,8 @@ class RolloutDataModule(LightningDataModule):
 
     @override
     def val_dataloader(self) -> EVAL_DATALOADERS:
-        return DataLoader(self.source.problems("validation"), batch_size=self.eval_batch_size, collate_fn=list)
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        return DataLoader(_EvalShard(self.source.problems("validation"), rank, world, self.eval_batch_size), batch_size=None)
 
     @override
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -339,6 +339,11 @@ class RolloutDataModule(LightningDataModule):
                     "resume from a checkpoint that holds the data module's state"
                 )
             rollout = self.pipeline.rollout(rollout_index)
+            if min(self.pipeline.rows_per_rank) < self.ppo_minibatches:  # the same decision on every rank
+                raise RuntimeError(
+                    f"rollout {rollout_index} has {min(self.pipeline.rows_per_rank)} rows on a rank, fewer than "
+                    f"data.ppo_minibatches={self.ppo_minibatches}"
+                )
             self._minibatches = (rollout_index, rollout.split(self.ppo_minibatches, (self.seed, "minibatch", rollout_index)))
         batch = self._minibatches[1][part]
         batch.batch_index = index

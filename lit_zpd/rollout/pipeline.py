@@ -17,11 +17,10 @@ from typing import Literal
 
 import torch
 
+from lit_zpd.loss_config import ROLLOUT_TERMS, TEACHER_TERMS, LossConfig
 from lit_zpd.losses import group_advantages, reinforce_pp_advantages
-from lit_zpd.loss_config import ROLLOUT_TERMS, TEACHER_TERMS
 from lit_zpd.rollout.batch import RolloutBatch, build_batch
 from lit_zpd.rollout.context import RolloutContext
-from lit_zpd.rollout.engine import SamplingConfig
 from lit_zpd.rollout.pass_rates import PassRateSettings
 from lit_zpd.rollout.plan import (
     DataSource,
@@ -52,8 +51,6 @@ class RolloutPipeline:
         off_policy_source: The off-policy responses when ``lmbda`` mixes.
         teacher_samples_per_prompt: Teacher completions per prompt.
         teacher_correct_only: Keep only the teacher's correct completions.
-        sampling: Sampling of student rollouts.
-        teacher_sampling: Sampling of teacher responses.
         advantage_estimator: ``grpo`` or ``reinforce_pp``.
         advantage_scale_by_std: GRPO's division by the group's std.
         pass_rate: How the student's pass rate is measured on off-policy batches.
@@ -71,8 +68,6 @@ class RolloutPipeline:
         off_policy_source: DataSource,
         teacher_samples_per_prompt: int,
         teacher_correct_only: bool,
-        sampling: SamplingConfig,
-        teacher_sampling: SamplingConfig,
         advantage_estimator: AdvantageEstimator,
         advantage_scale_by_std: bool,
         pass_rate: PassRateSettings,
@@ -87,8 +82,7 @@ class RolloutPipeline:
         self.off_policy_source = off_policy_source
         self.teacher_samples_per_prompt = teacher_samples_per_prompt
         self.teacher_correct_only = teacher_correct_only
-        self.sampling = sampling
-        self.teacher_sampling = teacher_sampling
+        self.rows_per_rank: list[int] = []  # rows of the last rollout on every rank
         self.advantage_estimator = advantage_estimator
         self.advantage_scale_by_std = advantage_scale_by_std
         self.pass_rate = pass_rate
@@ -101,23 +95,32 @@ class RolloutPipeline:
         return "student" if on_policy else self.off_policy_source
 
     def rollout(self, index: int) -> RolloutBatch:
-        """Rollout ``index`` on this rank (every rank must call it: it gathers)."""
+        """Rollout ``index`` on this rank (every rank must call it: it gathers).
+
+        An error on one rank before the gather (a problem without a reference, a rank left without
+        responses, an engine failure) is gathered too, so that every rank raises it instead of
+        the others waiting forever.
+        """
         ctx = self.ctx
         ctx.sync_seconds = 0.0
-        plan = self.plan(index)
-        with ctx.seeded("rollout", index):
-            groups = self._respond(plan, plan.prompts)
-            # Hooks sample inside the seeded block (e.g. a teacher), so their draws repeat on resume.
-            extra = [spec for hook in self.hooks for spec in hook.on_augment(ctx, plan, groups)]
-            if extra:
-                plan.prompts.extend(extra)
-                groups += self._respond(plan, extra)
-        if not groups:
-            raise RuntimeError(f"rollout {index} has no responses (teacher_correct_only dropped every prompt?)")
-        if plan.on_policy:
-            ctx.count_student_tokens(sum(len(ids) for g in groups for ids in g.token_ids))
-        measured = self._measure(plan, groups)
-        summaries = self._gather(plan, groups, measured)
+        try:
+            plan = self.plan(index)
+            with ctx.seeded("rollout", index):
+                groups = self._respond(plan, plan.prompts)
+                # Hooks sample inside the seeded block (e.g. a teacher), so their draws repeat on resume.
+                extra = [spec for hook in self.hooks for spec in hook.on_augment(ctx, plan, groups)]
+                if extra:
+                    plan.prompts.extend(extra)
+                    groups += self._respond(plan, extra)
+            if not groups:
+                raise RuntimeError(f"rollout {index} has no responses (teacher_correct_only dropped every prompt?)")
+            if plan.on_policy:
+                ctx.count_student_tokens(sum(len(ids) for g in groups for ids in g.token_ids))
+            measured = self._measure(plan, groups)
+        except Exception as error:
+            ctx.gather((None, None, ctx.take_pending(), f"rank {ctx.rank}: {error}"))
+            raise
+        summaries, measurements = self._gather(plan, groups, measured)
         for hook in self.hooks:
             hook.on_observe(ctx, plan, summaries)
         for hook in self.hooks:
@@ -128,7 +131,7 @@ class RolloutPipeline:
             groups, ctx.tokenize, ctx.tokenizer.pad_token_id, plan.data_source,
             self._advantages(summaries, len(groups)) if plan.on_policy else None,
         )
-        batch.sampling_temperature = (self.sampling.temperature or 1.0) if plan.on_policy else 1.0
+        batch.sampling_temperature = (ctx.sampling.temperature or 1.0) if plan.on_policy else 1.0
         batch.policy_version = plan.policy_version
         batch.rollout_index = batch.batch_index = index
         batch.loss = plan.loss
@@ -136,7 +139,7 @@ class RolloutPipeline:
             "rollout/student_tokens_total": float(ctx.counters.student_tokens),
             "rollout/verifier_errors_total": float(ctx.counters.verifier_errors),
             "rollout/weight_sync_seconds": ctx.sync_seconds,
-            "rollout/pass_rate_measurements": float(len(measured)),
+            "rollout/pass_rate_measurements": float(measurements),
         }
         batch.histograms = dict(plan.histograms)
         for hook in self.hooks:
@@ -166,15 +169,14 @@ class RolloutPipeline:
         return plan
 
     def _check_loss(self, plan: RolloutPlan) -> None:
-        loss = plan.loss or self.ctx.loss
-        rollout_terms = sorted(loss.active.keys() & set(ROLLOUT_TERMS))
-        if rollout_terms and not plan.on_policy:
-            raise ValueError(
-                f"rollout {plan.rollout_index}: the loss uses {rollout_terms}, which need student rollouts, "
-                f"but the data source is {plan.data_source!r}"
-            )
-        if self.ctx.teacher is None and (loss.active.keys() & set(TEACHER_TERMS) or plan.data_source == "teacher"):
-            raise ValueError(f"rollout {plan.rollout_index} needs a teacher: set model.teacher")
+        check_loss_and_source(plan.loss or self.ctx.loss, plan.data_source, self.ctx.teacher is not None)
+
+    def check_setup(self) -> None:
+        """Check ``model.loss`` against every data source the settings can draw (at setup, when no
+        hook sets the loss or the data source)."""
+        sources = {self.data_source} if self.lmbda is None else {"student", self.off_policy_source}
+        for source in sorted(sources):
+            check_loss_and_source(self.ctx.loss, source, self.ctx.teacher is not None)
 
     def _respond(self, plan: RolloutPlan, specs: list[PromptSpec]) -> list[RolloutGroup]:
         ctx = self.ctx
@@ -184,9 +186,9 @@ class RolloutPipeline:
                 raise ValueError(f"problem {missing[0]!r} has no reference solution")
             return [ctx.score(s, [ctx.tokenize(s.problem.reference) + [ctx.tokenizer.eos_token_id]]) for s in specs]  # type: ignore[operator]
         if plan.on_policy:
-            model, n, sampling = ctx.student, self.samples_per_prompt, self.sampling
+            model, n, sampling = ctx.student, self.samples_per_prompt, ctx.sampling
         else:
-            model, n, sampling = ctx.teacher, self.teacher_samples_per_prompt, self.teacher_sampling
+            model, n, sampling = ctx.teacher, self.teacher_samples_per_prompt, ctx.teacher_sampling
         teacher_side = plan.data_source == "teacher"
         prompts = [ctx.tokenize(s.teacher_prompt if teacher_side and s.teacher_prompt else s.student_prompt) for s in specs]
         completions = ctx.engine_for(model).generate(prompts, n, sampling)
@@ -213,7 +215,7 @@ class RolloutPipeline:
                 stale.setdefault(pid, group.spec.problem)
         if not stale:
             return []
-        sampling = self.pass_rate.sampling(self.sampling.max_new_tokens)
+        sampling = self.pass_rate.sampling(ctx.sampling.max_new_tokens)
         prompts = [ctx.tokenize(p.prompt) for p in stale.values()]
         with ctx.seeded("paced", plan.rollout_index):
             completions = ctx.engine_for(ctx.student).generate(prompts, self.pass_rate.rollouts, sampling)
@@ -223,20 +225,27 @@ class RolloutPipeline:
             for problem, samples in zip(stale.values(), completions)
         ]
 
-    def _gather(self, plan: RolloutPlan, groups: list[RolloutGroup], measured: list[GroupSummary]) -> list[GroupSummary]:
-        """Every rank's group summaries and counts; updates the run totals and the pass-rate tracker."""
+    def _gather(
+        self, plan: RolloutPlan, groups: list[RolloutGroup], measured: list[GroupSummary]
+    ) -> tuple[list[GroupSummary], int]:
+        """Every rank's group summaries and counts; updates the run totals and the pass-rate
+        tracker. Returns the summaries and the number of pass-rate measurements of every rank."""
         ctx = self.ctx
         local = [g.summary(ctx.rank, plan.on_policy) for g in groups]
-        parts = ctx.gather((local, measured, ctx.take_pending()))
-        ctx.reduce_counters([counts for _, _, counts in parts])
-        summaries = [s for rows, _, _ in parts for s in rows]
+        parts = ctx.gather((local, measured, ctx.take_pending(), None))
+        failed = [error for *_, error in parts if error is not None]
+        if failed:
+            raise RuntimeError(f"rollout {plan.rollout_index} failed on another rank: {failed[0]}")
+        ctx.reduce_counters([counts for _, _, counts, _ in parts])
+        summaries = [s for rows, _, _, _ in parts for s in rows]
+        self.rows_per_rank = [sum(len(s.rewards) for s in rows) for rows, _, _, _ in parts]
         for s in summaries:
             if s.on_policy and s.kind == "plain":
                 ctx.pass_rates.update(s.problem_id, s.rewards, plan.policy_version)
-        for _, rows, _ in parts:
-            for s in rows:
-                ctx.pass_rates.update(s.problem_id, s.rewards, plan.policy_version)
-        return summaries
+        measurements = [s for _, rows, _, _ in parts for s in rows]
+        for s in measurements:
+            ctx.pass_rates.update(s.problem_id, s.rewards, plan.policy_version)
+        return summaries, len(measurements)
 
     def _advantages(self, summaries: list[GroupSummary], local_groups: int) -> list[float]:
         """Advantages of this rank's rows, computed over the groups of every rank."""
@@ -250,6 +259,19 @@ class RolloutPipeline:
         rows = sum(len(s.rewards) for s in summaries if s.rank == self.ctx.rank)
         assert sum(s.rank == self.ctx.rank for s in summaries) == local_groups
         return advantages[start : start + rows].tolist()
+
+
+def check_loss_and_source(loss: LossConfig, data_source: DataSource, has_teacher: bool) -> None:
+    """A loss that needs student rollouts gets them; a loss or data source that needs a teacher has one."""
+    rollout_terms = sorted(loss.active.keys() & set(ROLLOUT_TERMS))
+    if rollout_terms and data_source != "student":
+        raise ValueError(
+            f"model.loss uses {rollout_terms}, which need student rollouts, but the data source is {data_source!r}: "
+            "set data.data_source: student and data.lmbda: null"
+        )
+    teacher_terms = sorted(loss.active.keys() & set(TEACHER_TERMS))
+    if not has_teacher and (teacher_terms or data_source == "teacher"):
+        raise ValueError(f"{teacher_terms or 'data_source: teacher'} needs a teacher: set model.teacher")
 
 
 def _multiply(groups: list[RolloutGroup], factors: list[list[float]], name: str) -> None:

@@ -7,7 +7,8 @@ an uninterrupted one would, and the ranks of a multi-process run draw disjoint p
 - Default (no restriction, no weighting): seeded epochs of the train split. Rollout ``r`` takes
   positions ``[(r * W + k) * P, (r * W + k + 1) * P)`` of the endless stream of shuffled epochs on
   rank ``k`` of ``W`` (``P`` = ``prompts_per_step``), so over an epoch every problem is drawn
-  once, whatever the number of ranks, and one process draws what it drew before ranks existed.
+  once, whatever the number of ranks (the ranks of one rollout draw disjoint problems when
+  ``W * P`` does not exceed the split), and one process draws what it drew before ranks existed.
 - With restrictions or weightings: ``W * P`` problems drawn without replacement from the allowed
   ones in proportion to their weight (Efraimidis-Spirakis keys), from a stream seeded by the
   rollout index; rank ``k`` takes every ``W``-th from ``k``. When fewer problems are allowed than

@@ -80,7 +80,7 @@ class Verifier(ABC):
     select it in YAML with ``class_path``.
 
     A verifier may raise on a strange response; the pipeline then scores that response 0 and
-    counts it (``rollout/verifier_errors``) instead of stopping the run.
+    counts it (``rollout/verifier_errors_total``) instead of stopping the run.
     """
 
     @abstractmethod
