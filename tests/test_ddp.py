@@ -14,14 +14,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def fit(config: str, out: Path, *args: str) -> list[dict[str, Any]]:
-    """Run ``lit-zpd fit`` on 2 CPU processes; return each rank's record."""
+def fit(config: str, out: Path, *args: str, accelerator: str = "cpu") -> list[dict[str, Any]]:
+    """Run ``lit-zpd fit`` on 2 processes (CPU: gloo, GPU: nccl); return each rank's record."""
     command = [
         sys.executable, "-m", "lit_zpd.cli", "fit", f"--config={ROOT / 'configs' / f'{config}.yaml'}",
-        "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp",
+        f"--trainer.accelerator={accelerator}", "--trainer.devices=2", "--trainer.strategy=ddp",
         "--trainer.val_check_interval=100", "--trainer.enable_progress_bar=false",
         f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
         "--data.source=lit_zpd.tasks.ArithmeticCurriculum", "--data.source.max_eval_per_skill=2",
@@ -68,3 +71,9 @@ def test_zppo_on_two_processes_resumes_mid_rollout(tmp_path: Path) -> None:
         assert resumed[rank]["batches"] == full[rank]["batches"][6:]
         for key in ("hooks", "pass_rates", "student_tokens", "weights", "global_step"):
             assert resumed[rank][key] == full[rank][key], (rank, key)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (nccl); the CPU runs above cover the logic")
+def test_zppo_on_two_gpus(tmp_path: Path) -> None:
+    ranks = fit("zppo", tmp_path, "--report=null", "--trainer.max_steps=8", accelerator="gpu")
+    assert_ranks_agree(ranks)

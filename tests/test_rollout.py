@@ -290,3 +290,21 @@ def test_context_evaluates_any_subset(tiny_student: str) -> None:
     result = data.context.evaluate(module.student, subs)
     assert result.problem_ids == [p.problem_id for p in subs] and set(result.skills) == {"sub"}
     assert result.greedy_correct.shape == (len(subs),) and result.sample_pass_rate is not None
+
+
+def test_lightning_moves_every_tensor_of_a_batch(tiny_student: str) -> None:
+    """The transfer Lightning applies to a batch reaches the typed batch's tensors, extras and
+    histograms included; lists and scalars pass through."""
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    module = DistillModule(student=tiny_student, teacher=None)
+    data = make_data()
+    make_trainer(1).fit(module, datamodule=data)
+    batch = data.rollout(0)
+    batch.extras["per_row"] = torch.ones(batch.size)
+    batch.histograms["h"] = torch.zeros(3)
+    moved = move_data_to_device(batch, torch.device("meta"))
+    assert isinstance(moved, type(batch)) and moved.problem_ids == batch.problem_ids
+    tensors = [moved.input_ids, moved.sampling_logprobs, moved.weights, moved.extras["per_row"], moved.histograms["h"]]
+    assert all(t.device.type == "meta" for t in tensors)
+    assert batch.input_ids.device.type == "cpu"  # the original is untouched
