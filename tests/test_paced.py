@@ -15,7 +15,6 @@ from lit_zpd.callbacks.beta_kernel import BetaKernelWeighting
 from lit_zpd.callbacks.kl_schedule import KLSchedule, ScheduleStage
 from lit_zpd.module import DistillModule, LossConfig
 from lit_zpd.rollout.context import RolloutContext
-from lit_zpd.rollout.engine import SamplingConfig
 from lit_zpd.rollout.pass_rates import PassRateSettings, PassRateTracker
 from lit_zpd.rollout.pipeline import RolloutPipeline
 from lit_zpd.rollout.plan import PromptSpec, RolloutGroup, RolloutPlan
