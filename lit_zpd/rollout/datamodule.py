@@ -171,21 +171,19 @@ class RolloutDataModule(LightningDataModule):
             raise ValueError("data.sampling.top_p must be 1 with data.engine: vllm (its log-probs would be renormalised)")
         self.source = source if source is not None else ArithmeticCurriculum()
         self.prompts_per_step = prompts_per_step
-        self.samples_per_prompt = samples_per_prompt
-        self.data_source = data_source
-        self.lmbda = lmbda
-        self.off_policy_source = off_policy_source
-        self.teacher_samples_per_prompt = teacher_samples_per_prompt
-        self.teacher_correct_only = teacher_correct_only
+        # The pipeline's own settings, handed to it when it is built.
+        self.rollout_settings: dict[str, Any] = dict(
+            samples_per_prompt=samples_per_prompt, data_source=data_source, lmbda=lmbda,
+            off_policy_source=off_policy_source, teacher_samples_per_prompt=teacher_samples_per_prompt,
+            teacher_correct_only=teacher_correct_only, advantage_estimator=advantage_estimator,
+            advantage_scale_by_std=advantage_scale_by_std, pass_rate=pass_rate,
+        )
         self.sampling = sampling
         self.teacher_sampling = teacher_sampling or sampling
         self.engine_name = engine
         self.vllm = vllm
         self.generation_batch_size = generation_batch_size
-        self.advantage_scale_by_std = advantage_scale_by_std
-        self.advantage_estimator = advantage_estimator
         self.ppo_minibatches = ppo_minibatches
-        self.pass_rate = pass_rate
         self.eval_samples = eval_samples
         self.eval_sampling = eval_sampling
         self.eval_batch_size = eval_batch_size
@@ -236,15 +234,7 @@ class RolloutDataModule(LightningDataModule):
                 self.context,
                 ProblemSampler(self.source.problems("train"), self.prompts_per_step, self.seed),
                 self.hooks(),
-                samples_per_prompt=self.samples_per_prompt,
-                data_source=self.data_source,
-                lmbda=self.lmbda,
-                off_policy_source=self.off_policy_source,
-                teacher_samples_per_prompt=self.teacher_samples_per_prompt,
-                teacher_correct_only=self.teacher_correct_only,
-                advantage_estimator=self.advantage_estimator,
-                advantage_scale_by_std=self.advantage_scale_by_std,
-                pass_rate=self.pass_rate,
+                **self.rollout_settings,
             )
         return self._pipeline
 
