@@ -308,3 +308,18 @@ def test_lightning_moves_every_tensor_of_a_batch(tiny_student: str) -> None:
     tensors = [moved.input_ids, moved.sampling_logprobs, moved.weights, moved.extras["per_row"], moved.histograms["h"]]
     assert all(t.device.type == "meta" for t in tensors)
     assert batch.input_ids.device.type == "cpu"  # the original is untouched
+
+
+def test_evaluation_shared_over_ranks_returns_every_problem_in_order(make_context: Any) -> None:
+    from tests.conftest import ScriptedEngine
+
+    engine = ScriptedEngine({f"{i}+1=?\n": [f"\\boxed{{{i + 1 if i % 3 else 0}}}"] for i in range(200)})
+    single = make_context(engine)
+    problems = single.source.problems("train")[:7]
+    rank0, rank1 = make_context(engine, rank=0, world_size=2), make_context(engine, rank=1, world_size=2)
+    # Rank 1's share, as the gather would bring it to rank 0.
+    rank0.gather = lambda local: [local, rank1.evaluate_batch(rank1.student, problems[1::2])]  # type: ignore[method-assign]
+    shared, alone = rank0.evaluate(rank0.student, problems), single.evaluate(single.student, problems)
+    assert shared.problem_ids == alone.problem_ids == [p.problem_id for p in problems]
+    assert torch.equal(shared.greedy_correct, alone.greedy_correct)
+    assert shared.greedy_correct.tolist() == [float(i % 3 != 0) for i in range(7)]

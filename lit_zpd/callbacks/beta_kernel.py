@@ -112,12 +112,13 @@ class BetaKernelWeighting(Callback, RolloutHook):
         self, ctx: RolloutContext, plan: RolloutPlan, groups: list[RolloutGroup], summaries: list[GroupSummary]
     ) -> list[list[float]]:
         every_rank = [(self.pass_rate_of(ctx, s), len(s.rewards)) for s in summaries]
+        # This rank's groups are its summaries, in the same order.
+        mine = [p for s, (p, _) in zip(summaries, every_rank) if s.rank == ctx.rank]
         rows = sum(n for _, n in every_rank)
         total = sum(self.kernel(p) * n for p, n in every_rank)
         if total <= 0:
             log.info("BetaKernelWeighting: every weight of rollout %d is 0 (p in {0, 1}): no gradient", plan.rollout_index)
         scale = rows / total if total > 0 else 0.0
-        mine = [self.pass_rate_of(ctx, g.summary(ctx.rank, plan.on_policy)) for g in groups]
         self._row_pass_rates = [p for g, p in zip(groups, mine) for _ in g.weights]
         weights = torch.tensor([self.kernel(p) * scale for p, n in every_rank for _ in range(n)])
         squares = weights.pow(2).sum()

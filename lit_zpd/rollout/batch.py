@@ -160,6 +160,14 @@ class EvalBatch:
     greedy_texts: list[str]
     sample_pass_rate: Tensor | None = None
 
+    @property
+    def size(self) -> int:
+        return len(self.problem_ids)
+
+    def take(self, rows: list[int]) -> EvalBatch:
+        """The results of ``rows`` only, in that order."""
+        return replace(self, **{f.name: _take_rows(getattr(self, f.name), rows, self.size) for f in fields(self)})
+
     @staticmethod
     def concat(batches: list[EvalBatch]) -> EvalBatch:
         """One batch of all rows, in order."""

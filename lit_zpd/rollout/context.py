@@ -16,6 +16,7 @@ every rank.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -250,8 +251,9 @@ class RolloutContext:
         if self.world_size == 1:
             return local
         parts = self.gather(local)
+        starts = list(itertools.accumulate([0] + [part.size for part in parts]))
         # Problem j was evaluated on rank j % W, as that rank's row j // W.
-        return EvalBatch.concat([_row(parts[j % self.world_size], j // self.world_size) for j in range(len(problems))])
+        return EvalBatch.concat(parts).take([starts[j % self.world_size] + j // self.world_size for j in range(len(problems))])
 
     def evaluate_batch(self, model: Any, problems: list[Problem]) -> EvalBatch:
         """:meth:`evaluate` of one batch on this rank alone."""
@@ -275,13 +277,3 @@ class RolloutContext:
             )
         return batch
 
-
-def _row(batch: EvalBatch, i: int) -> EvalBatch:
-    return EvalBatch(
-        problem_ids=[batch.problem_ids[i]],
-        skills=[batch.skills[i]],
-        prompts=[batch.prompts[i]],
-        greedy_correct=batch.greedy_correct[i : i + 1],
-        greedy_texts=[batch.greedy_texts[i]],
-        sample_pass_rate=batch.sample_pass_rate[i : i + 1] if batch.sample_pass_rate is not None else None,
-    )
