@@ -29,6 +29,10 @@ class LossConfig:
             ``-(log p_S(y_t) - log p_T(y_t))`` on student rollouts (sampled-token reverse KL).
         jsd_beta: Teacher weight in the JSD mixture; 0 is forward KL, 1 reverse KL.
         temperature: Softening of both distributions in the divergences.
+        entry_clip: Clip each vocabulary entry's term of every divergence at this value before the
+            sum over the vocabulary (``clamp(max=entry_clip)``, negative entries kept), as OPSD's
+            current recipe does (0.05); ``None`` leaves them unclipped. With a clip the unclipped
+            divergence is logged too (``train/<term>_unclipped``).
         clip_low: PPO lower clip range.
         clip_high: PPO upper clip range.
         dual_clip: Dual-clip constant (> 1) or ``None``.
@@ -45,6 +49,7 @@ class LossConfig:
     on_policy_distill: float = 0.0
     jsd_beta: float = 0.5
     temperature: float = 1.0
+    entry_clip: float | None = None
     clip_low: float = 0.2
     clip_high: float = 0.2
     dual_clip: float | None = None
@@ -61,6 +66,8 @@ class LossConfig:
             raise ValueError(f"model.loss.jsd_beta must be in [0, 1], got {self.jsd_beta}")
         if self.temperature <= 0:
             raise ValueError(f"model.loss.temperature must be > 0, got {self.temperature}")
+        if self.entry_clip is not None and not self.entry_clip > 0:
+            raise ValueError(f"model.loss.entry_clip must be > 0 or null, got {self.entry_clip}")
         if self.chunk_size < 1:
             raise ValueError(f"model.loss.chunk_size must be >= 1, got {self.chunk_size}")
         if self.aggregation not in ("sample", "token"):

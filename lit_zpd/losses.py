@@ -34,13 +34,30 @@ def log_probs(logits: Tensor, temperature: float = 1.0) -> Tensor:
     return F.log_softmax(logits.float() / temperature, dim=-1)
 
 
-def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """``KL(p || q)`` over the last dimension from log-probabilities. ``(N, V) -> (N,)``."""
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
+def _kl_entries(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """The vocabulary entries ``p(v) * (log p(v) - log q(v))`` of ``KL(p || q)``. ``(N, V) -> (N, V)``."""
+    return log_p.exp() * (log_p - log_q)
+
+
+def divergence_entries(log_s: Tensor, log_t: Tensor, beta: float) -> Tensor:
+    """Per vocabulary entry terms of the generalized JSD, from log-probabilities; they sum over
+    ``V`` to the divergence. ``(N, V), (N, V) -> (N, V)``."""
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if beta == 0.0:
+        return _kl_entries(log_t, log_s)
+    if beta == 1.0:
+        return _kl_entries(log_s, log_t)
+    log_m = torch.logsumexp(torch.stack([log_s + math.log(1 - beta), log_t + math.log(beta)]), dim=0)
+    return beta * _kl_entries(log_t, log_m) + (1 - beta) * _kl_entries(log_s, log_m)
 
 
 def generalized_jsd(
-    student_logits: Tensor, teacher_logits: Tensor, beta: float = 0.5, temperature: float = 1.0
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    entry_clip: float | None = None,
 ) -> Tensor:
     """Per-token generalized Jensen-Shannon divergence.
 
@@ -49,20 +66,19 @@ def generalized_jsd(
         teacher_logits: ``(N, V)``, no gradient needed.
         beta: Mixture weight of the teacher; 0 gives forward KL, 1 reverse KL.
         temperature: Both distributions are softened by it.
+        entry_clip: Clip each vocabulary entry's term at this value before the sum over the
+            vocabulary (``clamp(max=entry_clip)``; negative entries are kept), as OPSD's current
+            recipe does (0.05); ``None`` sums the terms unclipped. A clipped entry passes no
+            gradient.
 
     Returns:
         ``(N,)`` divergence per token.
     """
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta}")
-    log_s = log_probs(student_logits, temperature)
-    log_t = log_probs(teacher_logits, temperature)
-    if beta == 0.0:
-        return _kl(log_t, log_s)
-    if beta == 1.0:
-        return _kl(log_s, log_t)
-    log_m = torch.logsumexp(torch.stack([log_s + math.log(1 - beta), log_t + math.log(beta)]), dim=0)
-    return beta * _kl(log_t, log_m) + (1 - beta) * _kl(log_s, log_m)
+    return _clipped_sum(divergence_entries(log_probs(student_logits, temperature), log_probs(teacher_logits, temperature), beta), entry_clip)
+
+
+def _clipped_sum(entries: Tensor, entry_clip: float | None) -> Tensor:
+    return (entries if entry_clip is None else entries.clamp(max=entry_clip)).sum(-1)
 
 
 def forward_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -94,7 +110,8 @@ def chunked_token_divergence(
     beta: float = 0.5,
     temperature: float = 1.0,
     chunk_size: int = 1024,
-) -> Tensor:
+    entry_clip: float | None = None,
+) -> tuple[Tensor, Tensor]:
     """:func:`generalized_jsd` from hidden states, ``chunk_size`` tokens at a time.
 
     Args:
@@ -105,20 +122,30 @@ def chunked_token_divergence(
         beta: As in :func:`generalized_jsd`.
         temperature: As in :func:`generalized_jsd`.
         chunk_size: Tokens per chunk.
+        entry_clip: As in :func:`generalized_jsd`.
 
     Returns:
-        ``(N,)`` divergence per token, equal to the unchunked computation.
+        ``(N,)`` divergence per token (with ``entry_clip``), equal to the unchunked computation,
+        and ``(N,)`` the same divergence without the clip, detached (a diagnostic: the
+        student-teacher mismatch the clip hides).
     """
 
     def piece(s_hidden: Tensor, t_logits: Tensor) -> Tensor:
-        return generalized_jsd(student_head(s_hidden), t_logits, beta, temperature)
+        s_logp, t_logp = log_probs(student_head(s_hidden), temperature), log_probs(t_logits, temperature)
+        entries = divergence_entries(s_logp, t_logp, beta)
+        clipped = _clipped_sum(entries, entry_clip)
+        return torch.stack([clipped, (clipped if entry_clip is None else entries.sum(-1)).detach()])
 
     out = []
     for sl in _chunks(student_hidden.shape[0], chunk_size):
         with torch.no_grad():
             t_logits = teacher_head(teacher_hidden[sl])
         out.append(checkpoint(piece, student_hidden[sl], t_logits, use_reentrant=False))
-    return torch.cat(out) if out else student_hidden.new_zeros(0)
+    if not out:
+        empty = student_hidden.new_zeros(0)
+        return empty, empty
+    both = torch.cat(out, dim=1)
+    return both[0], both[1].detach()
 
 
 def chunked_token_logprobs(

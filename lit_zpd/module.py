@@ -178,14 +178,16 @@ class DistillModule(LightningModule):
     # ----------------------------------------------------------------------------- training
 
     @override
-    def training_step(self, batch: RolloutBatch, batch_idx: int) -> Tensor:
+    def training_step(self, batch: RolloutBatch, batch_idx: int) -> dict[str, Any]:
+        """The weighted loss of one batch. Returns ``{"loss": ..., "terms": {name: value}}``: the
+        terms and diagnostics (detached, this rank's) reach callbacks' ``on_train_batch_end``."""
         cfg = batch.loss or self.loss_config
         terms, diagnostics = self.loss_terms(batch, cfg)
         loss = sum(cfg.active[name] * value for name, value in terms.items())
         self.log("train/loss", loss, prog_bar=True, batch_size=batch.size, sync_dist=True)
         for name, value in (terms | diagnostics).items():
             self.log(f"train/{name}", value, batch_size=batch.size, sync_dist=True)
-        return loss
+        return {"loss": loss, "terms": {name: value.detach() for name, value in (terms | diagnostics).items()}}
 
     def loss_terms(self, batch: RolloutBatch, cfg: LossConfig | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Every active loss term as a scalar (before its coefficient), and diagnostics to log."""
@@ -210,8 +212,12 @@ class DistillModule(LightningModule):
             t_hidden, t_head = self._teacher_hidden(batch, targets.shape[0])
         for name, beta in (("forward_kl", 0.0), ("reverse_kl", 1.0), ("jsd", cfg.jsd_beta)):
             if getattr(cfg, name):
-                values = chunked_token_divergence(hidden, head, t_hidden, t_head, beta, cfg.temperature, cfg.chunk_size)
+                values, unclipped = chunked_token_divergence(
+                    hidden, head, t_hidden, t_head, beta, cfg.temperature, cfg.chunk_size, cfg.entry_clip
+                )
                 terms[name] = reduce(values)
+                if cfg.entry_clip is not None:
+                    diagnostics[f"{name}_unclipped"] = reduce(unclipped)
         if cfg.policy or cfg.on_policy_distill:
             if batch.sampling_logprobs is None:
                 raise ValueError(f"the loss uses {sorted(cfg.active.keys() & set(ROLLOUT_TERMS))}, which need student rollouts")

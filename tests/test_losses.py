@@ -39,6 +39,16 @@ def _explicit_jsd(s_logits: Tensor, t_logits: Tensor, beta: float, temperature: 
     return beta * _explicit_kl(p_t, m) + (1 - beta) * _explicit_kl(p_s, m)
 
 
+def _explicit_clipped(s_logits: Tensor, t_logits: Tensor, beta: float, clip: float, temperature: float = 1.0) -> Tensor:
+    """The generalized JSD with each vocabulary entry's term clamped at ``clip`` before the sum."""
+    p_s, p_t = _probs(s_logits, temperature), _probs(t_logits, temperature)
+    m = beta * p_t + (1 - beta) * p_s
+    entries = beta * p_t * torch.log(p_t / m) + (1 - beta) * p_s * torch.log(p_s / m)
+    if beta in (0.0, 1.0):  # the endpoints are the KLs by convention
+        entries = p_t * torch.log(p_t / p_s) if beta == 0.0 else p_s * torch.log(p_s / p_t)
+    return entries.clamp(max=clip).sum(-1)
+
+
 def _close(actual: Tensor, expected: Tensor, atol: float = 1e-6, rtol: float = 1e-5) -> None:
     torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol)
 
@@ -65,6 +75,8 @@ def test_hand_computed_values() -> None:
     _close(forward_kl(_HAND_S, _HAND_T), torch.tensor([0.1438410362]))
     _close(reverse_kl(_HAND_S, _HAND_T), torch.tensor([0.1308120359]))
     _close(generalized_jsd(_HAND_S, _HAND_T, beta=0.5), torch.tensor([0.0338220756]))
+    # Clipped forward KL: entries 1/2 ln 2 = 0.3465735903 -> 0.05 and 1/2 ln(2/3) = -0.2027325541 kept.
+    _close(generalized_jsd(_HAND_S, _HAND_T, beta=0.0, entry_clip=0.05), torch.tensor([0.05 - 0.2027325541]))
 
 
 def test_kl_directions_match_explicit_formula(logits_pair: tuple[Tensor, Tensor]) -> None:
@@ -145,9 +157,10 @@ def _grads(out: Tensor, inputs: list[Tensor], upstream: Tensor) -> list[Tensor]:
     return list(torch.autograd.grad((out * upstream).sum(), inputs))
 
 
+@pytest.mark.parametrize("entry_clip", [None, 0.05])
 @pytest.mark.parametrize("chunk_size", [1, 3, _N, _N + 5])
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-def test_chunked_divergence_equals_full(chunk_size: int, beta: float) -> None:
+def test_chunked_divergence_equals_full(chunk_size: int, beta: float, entry_clip: float | None) -> None:
     s_head, t_head = _heads()
     g = torch.Generator().manual_seed(3)
     s_hidden = torch.randn(_N, _H, generator=g, requires_grad=True)
@@ -155,20 +168,46 @@ def test_chunked_divergence_equals_full(chunk_size: int, beta: float) -> None:
     upstream = torch.rand(_N, generator=g)
     inputs = [s_hidden, s_head.weight, s_head.bias]
 
-    full = generalized_jsd(s_head(s_hidden), t_head(t_hidden), beta, temperature=0.9)
+    full = generalized_jsd(s_head(s_hidden), t_head(t_hidden), beta, temperature=0.9, entry_clip=entry_clip)
     want = _grads(full, inputs, upstream)
-    chunked = chunked_token_divergence(s_hidden, s_head, t_hidden, t_head, beta, 0.9, chunk_size)
+    chunked, unclipped = chunked_token_divergence(
+        s_hidden, s_head, t_hidden, t_head, beta, 0.9, chunk_size, entry_clip=entry_clip
+    )
     got = _grads(chunked, inputs, upstream)
 
     _close(chunked, full)
+    _close(unclipped, generalized_jsd(s_head(s_hidden), t_head(t_hidden), beta, temperature=0.9))
+    assert not unclipped.requires_grad
     for a, b in zip(got, want, strict=True):
         assert a.abs().sum() > 0
         _close(a, b)
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_entry_clip_against_an_explicit_reference(beta: float) -> None:
+    g = torch.Generator().manual_seed(7)
+    s, t = torch.randn(6, 9, generator=g) * 3, torch.randn(6, 9, generator=g) * 3
+    clipped = generalized_jsd(s, t, beta, temperature=1.1, entry_clip=0.05)
+    _close(clipped, _explicit_clipped(s, t, beta, 0.05, temperature=1.1))
+    unclipped = generalized_jsd(s, t, beta, temperature=1.1)
+    assert (clipped < unclipped - 1e-3).any()  # the clip binds on these logits
+    # Off, or too high to bind, the clip changes nothing.
+    _close(generalized_jsd(s, t, beta, temperature=1.1, entry_clip=None), unclipped)
+    _close(generalized_jsd(s, t, beta, temperature=1.1, entry_clip=1e9), unclipped)
+
+
+def test_entry_clip_keeps_negative_entries_and_stops_their_gradient_only_where_it_binds() -> None:
+    s = _HAND_S.clone().requires_grad_(True)
+    # Forward KL entries: 0.347 (clipped to 0.05) and -0.203 (kept).
+    generalized_jsd(s, _HAND_T, 0.0, entry_clip=0.05).sum().backward()
+    # Only the kept entry, p_T(1) * (log p_T(1) - log p_S(1)), passes a gradient:
+    # d/ds of -1/2 log softmax(s)_1 = -1/2 (onehot_1 - p_S) = (1/8, -1/8).
+    _close(s.grad, torch.tensor([[0.125, -0.125]]))
+
+
 def test_chunked_divergence_gives_teacher_no_gradient() -> None:
     s_head, t_head = _heads()
-    out = chunked_token_divergence(torch.randn(_N, _H), s_head, torch.randn(_N, _H + 2), t_head, chunk_size=3)
+    out, _ = chunked_token_divergence(torch.randn(_N, _H), s_head, torch.randn(_N, _H + 2), t_head, chunk_size=3)
     out.sum().backward()
     assert t_head.weight.grad is None
     assert s_head.weight.grad is not None
@@ -206,7 +245,8 @@ def test_chunk_size_zero_raises() -> None:
 
 def test_empty_input_returns_empty() -> None:
     s_head, t_head = _heads()
-    div = chunked_token_divergence(torch.randn(0, _H), s_head, torch.randn(0, _H + 2), t_head, chunk_size=3)
+    div, unclipped = chunked_token_divergence(torch.randn(0, _H), s_head, torch.randn(0, _H + 2), t_head, chunk_size=3)
+    assert unclipped.shape == (0,)
     lp = chunked_token_logprobs(torch.randn(0, _H), s_head, torch.zeros(0, dtype=torch.long), chunk_size=3)
     assert div.shape == (0,) and lp.shape == (0,)
 

@@ -182,7 +182,7 @@ class EvalBatch:
         )
 
 
-def _pack(prompts: list[list[int]], responses: list[list[int]], pad_token_id: int) -> tuple[Tensor, Tensor, Tensor]:
+def pack_rows(prompts: list[list[int]], responses: list[list[int]], pad_token_id: int) -> tuple[Tensor, Tensor, Tensor]:
     """Right-padded ``prompt + response`` rows: (input_ids, attention_mask, response_mask), each (B, T).
 
     The response follows its prompt directly (no padding between them), so a row's response
@@ -218,10 +218,10 @@ def build_batch(
     responses = [g.token_ids[i] for g, i in rows]
     student_prompts = {id(g): tokenize(g.spec.student_prompt) for g in groups}
     prompts = [student_prompts[id(g)] for g, _ in rows]
-    input_ids, attention_mask, response_mask = _pack(prompts, responses, pad_token_id)
+    input_ids, attention_mask, response_mask = pack_rows(prompts, responses, pad_token_id)
     if any(g.spec.teacher_prompt is not None for g in groups):
         teacher_prompts = [tokenize(g.spec.teacher_prompt or g.spec.student_prompt) for g, _ in rows]
-        t_ids, t_attn, t_resp = _pack(teacher_prompts, responses, pad_token_id)
+        t_ids, t_attn, t_resp = pack_rows(teacher_prompts, responses, pad_token_id)
     else:
         t_ids, t_attn, t_resp = input_ids, attention_mask, response_mask
     logprobs = None

@@ -25,15 +25,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from lit_zpd.loss_config import LossConfig
-from lit_zpd.rollout.batch import EvalBatch
+from lit_zpd.rollout.batch import EvalBatch, pack_rows
 from lit_zpd.rollout.engine import RolloutEngine, SamplingConfig
 from lit_zpd.rollout.pass_rates import PassRateTracker
 from lit_zpd.rollout.plan import PromptSpec, RolloutGroup
 from lit_zpd.tasks.problem import Problem, ProblemSource
 from lit_zpd.tasks.verifier import Verifier
+from lit_zpd.teacher import evaluating
 
 EngineFactory = Callable[[nn.Module], RolloutEngine]
 
@@ -194,6 +195,23 @@ class RolloutContext:
         except Exception:  # noqa: BLE001 - as in reward
             self._pending.verifier_errors += 1
             return None
+
+    @torch.no_grad()
+    def response_logprobs(self, model: Any, prompts: list[str], responses: list[str]) -> list[Tensor]:
+        """Per-token log-probabilities of each ``response`` read after its ``prompt`` by ``model``
+        (in eval mode, without gradient): teacher forcing, one ``(len(response tokens),)`` tensor
+        per pair, on CPU. This rank's pairs only; shard and :meth:`gather` for a global figure."""
+        prompt_ids = [self.tokenize(p) for p in prompts]
+        response_ids = [self.tokenize(r) for r in responses]
+        input_ids, attention_mask, response_mask = pack_rows(prompt_ids, response_ids, self.tokenizer.pad_token_id)
+        device = self.device
+        with evaluating(model):
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # position t predicts token t + 1
+        targets = input_ids[:, 1:].to(device)
+        picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
+        mask = response_mask[:, 1:].bool()
+        return [picked[row][mask[row]] for row in range(len(prompts))]
 
     # ----------------------------------------------------------------------------- randomness
 

@@ -160,10 +160,14 @@ class RolloutPipeline:
             prompts=[PromptSpec(p) for p in draws[ctx.rank]], drawn=len(draws[ctx.rank]),
             drawn_everywhere=frozenset(p.problem_id for rank in draws for p in rank),
         )
-        for hook in self.hooks:
+        # The owner of the teacher context plans last, so that it sees every planned prompt.
+        for hook in sorted(self.hooks, key=lambda h: "teacher_context" in h.rollout_controls()):
             before = (plan.data_source, plan.loss)
+            prompts = {id(spec): spec.teacher_prompt for spec in plan.prompts}
             hook.on_plan(ctx, plan)
             changed = {name for name, old in zip(("data_source", "loss"), before) if getattr(plan, name) is not old}
+            if any(spec.teacher_prompt != prompts.get(id(spec)) for spec in plan.prompts):
+                changed.add("teacher_context")
             _check_declared(hook, changed, "plan")
         self._check_loss(plan)
         return plan

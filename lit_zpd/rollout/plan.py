@@ -21,11 +21,13 @@ calls every :class:`RolloutHook` before the next phase starts):
    ``extras``.
 
 What a hook may change is explicit. Additive effects (prompts added, weight factors, metrics
-logged) commute. The exclusive ones, ``data_source``, ``loss`` and each ``extras.<key>``, must be
+logged) commute. The exclusive ones, ``data_source``, ``loss``, ``teacher_context`` (the
+``teacher_prompt`` of the planned prompts: a privileged context) and each ``extras.<key>``, must be
 declared in :meth:`RolloutHook.rollout_controls`: two hooks declaring the same control is an error
 at setup, and a hook that changes one it did not declare is an error when it does. Hooks of one
 phase run in a canonical order (by class name, then ``state_key``), so the order of
-``trainer.callbacks`` in a YAML file does not change a run.
+``trainer.callbacks`` in a YAML file does not change a run; in the plan phase the owner of
+``teacher_context`` runs last, so the context reaches every planned prompt (replayed ones too).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ if TYPE_CHECKING:
 
 DataSource = Literal["student", "teacher", "reference"]
 PromptKind = Literal["plain", "bcq", "ncq"]
-CONTROLS = ("data_source", "loss")
+CONTROLS = ("data_source", "loss", "teacher_context")
 
 
 @dataclass
@@ -212,7 +214,8 @@ class RolloutHook:
     """
 
     def rollout_controls(self) -> set[str]:
-        """Exclusive settings this hook sets: ``data_source``, ``loss``, ``extras.<key>``."""
+        """Exclusive settings this hook sets: ``data_source``, ``loss``, ``teacher_context``,
+        ``extras.<key>``."""
         return set()
 
     def needs_pass_rates(self) -> bool:
@@ -224,7 +227,8 @@ class RolloutHook:
         """Restrict or weight the problems the sampler may draw."""
 
     def on_plan(self, ctx: RolloutContext, plan: RolloutPlan) -> None:
-        """Add prompts; set ``plan.data_source`` or ``plan.loss`` when declared."""
+        """Add prompts; set ``plan.data_source``, ``plan.loss`` or the prompts' ``teacher_prompt``
+        when declared."""
 
     def on_augment(self, ctx: RolloutContext, plan: RolloutPlan, groups: list[RolloutGroup]) -> list[PromptSpec]:
         """Extra prompts of this batch, given this rank's scored groups; sampled and scored in a

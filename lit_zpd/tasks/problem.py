@@ -8,6 +8,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Literal
 
+from lit_zpd.tasks.privileged import PrivilegedContext
 from lit_zpd.tasks.verifier import BoxedVerifier, Verifier
 
 Split = Literal["train", "validation", "test"]
@@ -45,6 +46,11 @@ class ProblemSource(ABC):
     @abstractmethod
     def problems(self, split: Split) -> list[Problem]:
         """All problems of one split, in a deterministic order."""
+
+    def privileged_context(self) -> PrivilegedContext:
+        """How a privileged self-teacher reads this source's reference solutions (template and
+        segments); OPSD's template over blank-line paragraphs unless a source knows better."""
+        return PrivilegedContext()
 
     def skill_graph(self) -> dict[str, list[str]]:
         """Prerequisites of every skill, ``{skill: [prerequisite, ...]}``; a DAG."""
