@@ -3,10 +3,15 @@
     python scripts/run_experiments.py sft kd gkd opd grpo --out docs/baselines.md
     python scripts/run_experiments.py paced paced_ablations/unweighted_fkl \
         --override=--model.optimizer.init_args.lr=0.0001 --out docs/paced_lr1e-4.md
+    python scripts/run_experiments.py opsd atesd atesd+exposure_sweep/random --seeds 0 1 2 \
+        --scalars train/forward_kl_unclipped exposure/reveal_ratio --out docs/atesd_runs.md
 
-Each name is a config under configs/ (without .yaml); every ``--override`` is passed to each run's
-command line after the config. For every run the table gives its wall time on this machine, the
-student rollout tokens it spent, and the student's validation accuracy before and after training:
+Each name is a config under configs/ (without .yaml), or several joined by ``+`` (later ones are
+overlays, e.g. ``atesd+exposure_sweep/fixed_0.5``); every ``--override`` is passed to each run's
+command line after the configs. With ``--seeds`` every config runs once per seed
+(``--seed_everything``) and a second table gives the mean and the spread (sample standard deviation)
+over seeds; ``--scalars`` adds the run-mean of logged TensorBoard scalars. For every run the table
+gives its wall time on this machine, the student rollout tokens it spent, and the student's validation accuracy before and after training:
 greedy accuracy per skill and overall, the mean accuracy over 8 samples at temperature 1.0, and
 forgetting: of the validation problems the student solved greedily at the start, the share it
 fails at the end. Numbers come from the runs the script makes; nothing is cached.
@@ -15,6 +20,7 @@ fails at the end. Numbers come from the runs the script makes; nothing is cached
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -22,18 +28,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
 from lit_zpd.callbacks.report import AccuracyReport  # noqa: E402
 from lit_zpd.cli import main as lit_zpd  # noqa: E402
 from lit_zpd.tasks.arithmetic import SKILL_GRAPH  # noqa: E402
 
 
-def run(name: str, overrides: list[str]) -> dict[str, object]:
+def run(name: str, overrides: list[str], seed: int | None = None, scalars: tuple[str, ...] = ()) -> dict[str, object]:
     start = time.time()
-    config = ROOT / "configs" / f"{name}.yaml"
-    cli = lit_zpd(["fit", f"--config={config}", "--trainer.enable_progress_bar=false", *overrides])
+    configs = [f"--config={ROOT / 'configs' / f'{part}.yaml'}" for part in name.split("+")]
+    seeded = [f"--seed_everything={seed}"] if seed is not None else []
+    cli = lit_zpd(["fit", *configs, "--trainer.enable_progress_bar=false", *seeded, *overrides])
     report = next(c for c in cli.trainer.callbacks if isinstance(c, AccuracyReport))
     return {
         "name": name,
+        "seed": seed,
         "minutes": (time.time() - start) / 60,
         "steps": cli.trainer.global_step,
         "student_tokens": cli.datamodule.counters.student_tokens,
@@ -42,7 +52,38 @@ def run(name: str, overrides: list[str]) -> dict[str, object]:
         "teacher": report.start.get("teacher", {}),
         # Callbacks that keep run-level counters (e.g. the ZPPO replay buffer) report them too.
         "callbacks": {type(c).__name__: c.summary() for c in cli.trainer.callbacks if hasattr(c, "summary")},
+        "scalars": run_means(cli.trainer.logger.log_dir, scalars) if scalars and cli.trainer.logger else {},
     }
+
+
+def run_means(log_dir: str, tags: tuple[str, ...]) -> dict[str, float]:
+    """The mean over the run of each logged scalar ``tag`` (absent tags are left out)."""
+    events = EventAccumulator(log_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    available = set(events.Tags()["scalars"])
+    return {tag: statistics.fmean(e.value for e in events.Scalars(tag)) for tag in tags if tag in available}
+
+
+def seed_table(results: list[dict[str, object]], scalars: tuple[str, ...]) -> str:
+    """Mean and spread over seeds, one row per config."""
+    skills = [*SKILL_GRAPH, "all"]
+    names = list(dict.fromkeys(str(r["name"]) for r in results))
+    head = "| config | seeds | minutes | " + " | ".join(f"{s} greedy" for s in skills) + " | all mean@8 | forgotten | " + " | ".join(scalars) + " |"
+    rule = "|" + "---|" * (len(skills) + 5 + len(scalars))
+    rows = []
+
+    def spread(values: list[float]) -> str:
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.fmean(values):.3f} ± {sd:.3f}"
+
+    for name in names:
+        runs = [r for r in results if r["name"] == name]
+        cells = [spread([r["end"][f"greedy/{s}"] for r in runs]) for s in skills]
+        cells += [spread([r["end"]["mean_at_k/all"] for r in runs]), spread([r["end"]["forgotten/all"] for r in runs])]
+        cells += [spread([r["scalars"][t] for r in runs if t in r["scalars"]]) if any(t in r["scalars"] for r in runs) else "" for t in scalars]
+        minutes = statistics.fmean(r["minutes"] for r in runs)
+        rows.append(f"| {name} | {len(runs)} | {minutes:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join([head, rule, *rows])
 
 
 def table(results: list[dict[str, object]]) -> str:
@@ -55,8 +96,9 @@ def table(results: list[dict[str, object]]) -> str:
         cells = [f"{start[f'greedy/{s}']:.2f} → {end[f'greedy/{s}']:.2f}" for s in skills]
         mean_k = f"{start['mean_at_k/all']:.2f} → {end['mean_at_k/all']:.2f}"
         forgot = f"{end['forgotten/all']:.2f} of {end['solved_before/all']:.0f}"
+        label = r["name"] if r.get("seed") is None else f"{r['name']} (seed {r['seed']})"
         rows.append(
-            f"| {r['name']} | {r['steps']} | {r['student_tokens']} | {r['minutes']:.1f} | "
+            f"| {label} | {r['steps']} | {r['student_tokens']} | {r['minutes']:.1f} | "
             + " | ".join(cells)
             + f" | {mean_k} | {forgot} |"
         )
@@ -78,10 +120,15 @@ if __name__ == "__main__":
     parser.add_argument(
         "--override", action="append", default=[], help="a lit-zpd argument for every run, e.g. --override=--trainer.max_steps=50"
     )
+    parser.add_argument("--seeds", type=int, nargs="+", help="run every config once per seed")
+    parser.add_argument("--scalars", nargs="+", default=[], help="TensorBoard scalars to average over each run")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
     args = parser.parse_args()
-    results = [run(name, args.override) for name in args.configs]
+    scalars = tuple(args.scalars)
+    results = [run(name, args.override, seed, scalars) for seed in (args.seeds or [None]) for name in args.configs]
     text = table(results)
+    if args.seeds:
+        text = seed_table(results, scalars) + "\n\nEvery run:\n\n" + text
     if args.override:
         text = f"Overrides: `{' '.join(args.override)}`\n\n" + text
     print(text)

@@ -50,7 +50,7 @@ class RankRecorder(Callback):
             "weights": [float(weights.sum()), float(weights.pow(2).sum())],
         }
         Path(self.out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(self.out_dir) / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+        (Path(self.out_dir) / f"rank{trainer.global_rank}.json").write_text(json.dumps(record, default=_plain))
 
 
 class StopAtStep(Callback):
@@ -67,3 +67,10 @@ class StopAtStep(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if trainer.global_step >= self.step:
             trainer.should_stop = True
+
+
+def _plain(value: Any) -> Any:
+    """Tensors (a controller's weights and optimizer state) as nested lists for JSON."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    raise TypeError(f"cannot record {type(value).__name__}")

@@ -7,10 +7,11 @@ from lightning.pytorch import Trainer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from lit_zpd.assets import resolve
+from lit_zpd.diagnostics.exposure import accuracy_by_reveal, load_context
 from lit_zpd.module import DistillModule
 from lit_zpd.rollout.datamodule import RolloutDataModule
 from lit_zpd.rollout.engine import SamplingConfig
-from lit_zpd.tasks.arithmetic import SKILL_GRAPH
+from lit_zpd.tasks.arithmetic import SKILL_GRAPH, ArithmeticCurriculum
 
 
 def n_params(name: str) -> int:
@@ -50,3 +51,12 @@ def test_student_is_partially_competent() -> None:
     report = evaluate("embedded:student")
     assert report["partial_fraction/all"] >= 0.30, report
     assert 0.0 < report["greedy/all"] < 0.95, report
+
+
+def test_student_reads_a_privileged_context() -> None:
+    """The full reference in the prompt raises the student's greedy accuracy well above its
+    accuracy on the problem alone (what OPSD and ATESD need of a self-teacher)."""
+    source = ArithmeticCurriculum()
+    ctx = load_context("embedded:student", source)
+    accuracy = accuracy_by_reveal(ctx, ctx.student, source.problems("validation"), source.privileged_context(), [1.0])
+    assert accuracy["1"]["all"] >= accuracy["none"]["all"] + 0.25, accuracy

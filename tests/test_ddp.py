@@ -20,15 +20,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def fit(config: str, out: Path, *args: str, accelerator: str = "cpu") -> list[dict[str, Any]]:
-    """Run ``lit-zpd fit`` on 2 processes (CPU: gloo, GPU: nccl); return each rank's record."""
+def fit(config: str, out: Path, *args: str, accelerator: str = "cpu", callback_args: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Run ``lit-zpd fit`` on 2 processes (CPU: gloo, GPU: nccl); return each rank's record.
+    ``callback_args`` set the config's last callback (they come before the recorder is added)."""
     command = [
         sys.executable, "-m", "lit_zpd.cli", "fit", f"--config={ROOT / 'configs' / f'{config}.yaml'}",
         f"--trainer.accelerator={accelerator}", "--trainer.devices=2", "--trainer.strategy=ddp",
         "--trainer.val_check_interval=100", "--trainer.enable_progress_bar=false",
         f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
         "--data.source=lit_zpd.tasks.ArithmeticCurriculum", "--data.source.max_eval_per_skill=2",
-        "--data.prompts_per_step=4", "--data.eval_samples=2", "--checkpoint.every_n_train_steps=1",
+        "--data.prompts_per_step=4", "--data.eval_samples=2", "--checkpoint.every_n_train_steps=1", *callback_args,
         "--trainer.callbacks+=tests.probes.RankRecorder", f"--trainer.callbacks.out_dir={out / 'ranks'}", *args,
     ]
     env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -71,6 +72,15 @@ def test_zppo_on_two_processes_resumes_mid_rollout(tmp_path: Path) -> None:
         assert resumed[rank]["batches"] == full[rank]["batches"][6:]
         for key in ("hooks", "pass_rates", "student_tokens", "weights", "global_step"):
             assert resumed[rank][key] == full[rank][key], (rank, key)
+
+
+def test_atesd_controller_agrees_across_processes(tmp_path: Path) -> None:
+    ranks = fit(
+        "atesd", tmp_path, "--report=null", "--trainer.max_steps=6",
+        callback_args=tuple(f"--trainer.callbacks.init_args.{k}" for k in ("hold_steps=1", "lookahead=1", "decisions_per_update=2", "probe_size=4")),
+    )
+    assert_ranks_agree(ranks)  # includes the controller's weights, optimizer, decisions and probe losses
+    assert ranks[0]["hooks"]["ExposureController"]["updates"] >= 2
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (nccl); the CPU runs above cover the logic")

@@ -263,6 +263,11 @@ class ExposureController(PrivilegedTeacher):
     def state_key(self) -> str:
         return self._generate_state_key(mode=self.mode, reveal_ratio=self.reveal_ratio)
 
+    def summary(self) -> dict[str, float]:
+        """Run-level counts for reports."""
+        return {"decisions": float(self.decisions_made), "controller_updates": float(self.updates),
+                "last_ratio": self.current.ratio if self.current else float("nan")}
+
     # ----------------------------------------------------------------------------- policy
 
     def distribution(self, features: Tensor) -> Beta:

@@ -1,0 +1,100 @@
+"""How much a privileged context helps, and how far it moves the teacher from the student.
+
+Two measurements over a reveal-ratio grid, for any model and problem set, through a
+:class:`~lit_zpd.rollout.context.RolloutContext` (no trainer):
+
+- :func:`accuracy_by_reveal`: greedy accuracy per skill of a model reading the problem alone and
+  reading the privileged context at each ratio (can the model use the context at all?);
+- :func:`mismatch_by_reveal`: ATESD's student-teacher mismatch, the mean per-token
+  KL(p_T^a || p_S) over the vocabulary on the student's own sampled responses, where the teacher is
+  ``teacher`` reading the context at ratio ``a`` and the student reads the problem alone.
+
+``scripts/build_assets.py --check`` prints both for the embedded student (docs/atesd.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lit_zpd.assets import resolve
+from lit_zpd.loss_config import LossConfig
+from lit_zpd.losses import generalized_jsd
+from lit_zpd.rollout.batch import pack_rows
+from lit_zpd.rollout.context import RolloutContext
+from lit_zpd.rollout.engine import SamplingConfig
+from lit_zpd.rollout.hf_engine import HFEngine
+from lit_zpd.tasks.privileged import PrivilegedContext
+from lit_zpd.tasks.problem import Problem, ProblemSource
+from lit_zpd.teacher import evaluating
+
+
+def load_context(model: str, source: ProblemSource, max_new_tokens: int = 48, seed: int = 0) -> RolloutContext:
+    """A context over one Hugging Face model directory (or ``embedded:student``), which is both
+    student and teacher (a self-teacher), sampled with ``generate``: for measurements outside a run."""
+    path = resolve(model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    weights = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return RolloutContext(
+        student=weights, teacher=weights, tokenizer=tokenizer, source=source, seed=seed, loss=LossConfig(sft=1.0),
+        engine_factory=lambda m: HFEngine(m, tokenizer.pad_token_id, tokenizer.eos_token_id, len(tokenizer)),
+        eval_sampling=SamplingConfig(max_new_tokens=max_new_tokens),
+    )
+
+
+def _by_skill(skills: list[str], values: list[float]) -> dict[str, float]:
+    out: dict[str, list[float]] = {}
+    for skill, value in zip(skills, values):
+        out.setdefault(skill, []).append(value)
+        out.setdefault("all", []).append(value)
+    return {k: sum(v) / len(v) for k, v in out.items()}
+
+
+def accuracy_by_reveal(
+    ctx: RolloutContext, model: Any, problems: list[Problem], context: PrivilegedContext, ratios: list[float]
+) -> dict[str, dict[str, float]]:
+    """Greedy accuracy per skill (and ``all``): key ``"none"`` without a context, then one key per
+    ratio (``"0.5"``) with the privileged context at that ratio."""
+    out = {"none": _by_skill([p.skill for p in problems], ctx.evaluate(model, problems).greedy_correct.tolist())}
+    for ratio in ratios:
+        shown = [replace(p, prompt=context.reveal(p, ratio)) for p in problems]
+        out[f"{ratio:g}"] = _by_skill([p.skill for p in problems], ctx.evaluate(model, shown).greedy_correct.tolist())
+    return out
+
+
+@torch.no_grad()
+def mismatch_by_reveal(
+    ctx: RolloutContext,
+    student: Any,
+    teacher: Any,
+    problems: list[Problem],
+    context: PrivilegedContext,
+    ratios: list[float],
+    sampling: SamplingConfig = SamplingConfig(temperature=1.0, max_new_tokens=48),
+) -> dict[str, float]:
+    """Mean per-token forward KL(p_T^a || p_S) on one sampled student response per problem, by
+    ratio (``"0.5"``); the responses are sampled once (seeded) and shared by every ratio."""
+    prompts = [ctx.tokenize(p.prompt) for p in problems]
+    with ctx.seeded("mismatch_by_reveal"):
+        responses = [c[0].token_ids for c in ctx.engine_for(student).generate(prompts, 1, sampling)]
+    vocab = len(ctx.tokenizer)
+    s_logits = _response_logits(ctx, student, prompts, responses)[:, :vocab]
+    out = {}
+    for ratio in ratios:
+        t_prompts = [ctx.tokenize(context.reveal(p, ratio)) for p in problems]
+        t_logits = _response_logits(ctx, teacher, t_prompts, responses)[:, :vocab]
+        out[f"{ratio:g}"] = float(generalized_jsd(s_logits, t_logits, beta=0.0).mean())
+    return out
+
+
+def _response_logits(ctx: RolloutContext, model: Any, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
+    """``(N, V)`` logits at the positions that predict the response tokens, row after row."""
+    input_ids, attention_mask, response_mask = pack_rows(prompts, responses, ctx.tokenizer.pad_token_id)
+    with evaluating(model):
+        logits = model(input_ids=input_ids.to(ctx.device), attention_mask=attention_mask.to(ctx.device)).logits
+    return logits[:, :-1][response_mask[:, 1:].bool().to(ctx.device)].float().cpu()
