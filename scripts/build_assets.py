@@ -2,13 +2,14 @@
 
     python scripts/build_assets.py            # everything (about 25 minutes on 2 CPU cores)
     python scripts/build_assets.py --check    # only evaluate the shipped models
+    python scripts/build_assets.py --only student   # rebuild the student, then check both
 
 Both models are trained by ``lit-zpd fit`` with configs/assets/{teacher,student}.yaml (SFT on the
 curriculum's reference solutions) and written to lit_zpd/assets/. The check evaluates them on the
 validation split with ``lit-zpd validate`` and fails unless the teacher's greedy accuracy is at
 least 0.95 on every skill and the student's pass rate at 8 samples, temperature 1.0, lies strictly
 between 0 and 1 on at least 30% of the problems. Both models are also trained on prompts that carry
-part of the reference solution (``context_share``), so that a privileged self-teacher (OPSD, ATESD)
+part of the reference solution (``context_copies``), so that a privileged self-teacher (OPSD, ATESD)
 means something here: the check measures the student's greedy accuracy with the full privileged
 context and fails unless it is at least CONTEXT_MIN_GAIN above its accuracy without; it prints
 accuracy and the student-teacher mismatch (mean per-token KL, the student's starting weights as
@@ -81,7 +82,8 @@ def check() -> bool:
             f"{student[f'mean_at_k/{skill}']:>15.3f} {student[f'partial_fraction/{skill}']:>16.3f}"
         )
     ok = True
-    weak = [s for s in SKILL_GRAPH if teacher[f"greedy/{s}"] < TEACHER_MIN_ACCURACY]
+    # Metrics are float32 means (38 / 40 is 0.94999999): compare with a tolerance below float32's.
+    weak = [s for s in SKILL_GRAPH if teacher[f"greedy/{s}"] < TEACHER_MIN_ACCURACY - 1e-6]
     if weak:
         print(f"FAIL: teacher below {TEACHER_MIN_ACCURACY} on {weak}")
         ok = False
@@ -95,9 +97,9 @@ def check() -> bool:
     return ok
 
 
-def build() -> None:
+def build(models: list[str]) -> None:
     build_char_tokenizer().save_pretrained(ASSETS_DIR / "tokenizer")
-    for name in ("teacher", "student"):
+    for name in models:
         start = time.time()
         lit_zpd(["fit", f"--config={ROOT / 'configs' / 'assets' / f'{name}.yaml'}", "--trainer.enable_progress_bar=false"])
         print(f"{name}: trained in {(time.time() - start) / 60:.1f} min")
@@ -106,7 +108,8 @@ def build() -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="only evaluate the shipped models")
+    parser.add_argument("--only", choices=["teacher", "student"], help="rebuild one model only (then check both)")
     args = parser.parse_args()
     if not args.check:
-        build()
+        build([args.only] if args.only else ["teacher", "student"])
     sys.exit(0 if check() else 1)

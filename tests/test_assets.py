@@ -44,7 +44,7 @@ def evaluate(model: str) -> dict[str, float]:
 def test_teacher_is_strong_on_every_skill() -> None:
     report = evaluate("embedded:teacher")
     for skill in SKILL_GRAPH:
-        assert report[f"greedy/{skill}"] >= 0.95, (skill, report)
+        assert report[f"greedy/{skill}"] >= 0.95 - 1e-6, (skill, report)  # float32 means: 38 / 40 is 0.94999999
 
 
 def test_student_is_partially_competent() -> None:

@@ -66,23 +66,26 @@ def test_bad_context_input_names_what_to_fix() -> None:
         PrivilegedTeacher(reveal_ratio=-0.1)
 
 
-def test_curriculum_context_share_adds_partial_references_to_train_only() -> None:
+@pytest.mark.parametrize("copies", [0.3, 2.0])
+def test_curriculum_context_copies_add_partial_references_to_train_only(copies: float) -> None:
     plain = ArithmeticCurriculum(problems_per_level=50)
-    source = ArithmeticCurriculum(problems_per_level=50, context_share=0.3)
-    extra = [p for p in source.problems("train") if p.problem_id.endswith("#context")]
+    source = ArithmeticCurriculum(problems_per_level=50, context_copies=copies)
+    extra = [p for p in source.problems("train") if "#context" in p.problem_id]
     assert len(source.problems("train")) == len(plain.problems("train")) + len(extra)
-    assert 0.2 < len(extra) / len(plain.problems("train")) < 0.4
+    assert copies - 0.1 < len(extra) / len(plain.problems("train")) < copies + 0.1
     assert source.problems("validation") == plain.problems("validation")
     by_id = {p.problem_id: p for p in plain.problems("train")}
     with_answer = 0
     for p in extra:
-        original = by_id[p.problem_id.removesuffix("#context")]
+        original = by_id[p.problem_id.split("#context")[0]]
         assert p.prompt.startswith("ref:\n") and p.prompt.endswith(original.prompt)
         assert (p.reference, p.answer) == (original.reference, original.answer)
         revealed = p.prompt.removeprefix("ref:\n").removesuffix(original.prompt).strip("\n").split("\n")
         assert original.reference.startswith("\n".join(line for line in revealed if "boxed" not in line))
         with_answer += "\\boxed" in p.prompt
     assert 0.3 < with_answer / len(extra) < 0.7
+    if copies == 2.0:  # each copy draws its own k
+        assert len({p.prompt for p in extra}) > 1.2 * len(plain.problems("train"))
 
 
 # ------------------------------------------------------------------------------ alignment in a run

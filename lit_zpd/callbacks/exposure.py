@@ -446,7 +446,7 @@ class ExposureController(PrivilegedTeacher):
 
     def _probe(self, ctx: RolloutContext) -> list[Any]:
         if not self.probe_ids:
-            pool = [p for p in ctx.source.problems("train") if p.reference and not p.problem_id.endswith("#context")]
+            pool = [p for p in ctx.source.problems("train") if p.reference and "#context" not in p.problem_id]
             if not pool:
                 raise ValueError("ExposureController: no training problem has a reference solution for the probe set")
             self.probe_ids = [p.problem_id for p in ctx.rng("exposure", "probe").sample(pool, min(self.probe_size, len(pool)))]

@@ -164,11 +164,13 @@ class ArithmeticCurriculum(ProblemSource):
         prompt_template: Format of the prompt; ``{expression}`` is replaced.
         verifier: Scores responses: ``boxed`` (the references end in ``\\boxed{answer}``),
             ``last_number``, ``gsm8k``, ``math_verify`` or a :class:`~lit_zpd.tasks.verifier.Verifier`.
-        context_share: Share of training problems that also appear a second time (id suffix
-            ``#context``) with a partial reference in the prompt: the compact privileged template
-            with the first ``k`` column lines (``k`` uniform in ``0..m``) and the answer line half
-            of the time. SFT on them teaches a model to read a privileged context; the embedded
-            models are trained with 0.3. 0 adds none.
+        context_copies: How many times, on average, each training problem appears again (id
+            suffix ``#context1``, ``#context2``, ...) with a partial reference in its prompt: the
+            compact privileged template with the first ``k`` column lines (``k`` uniform in
+            ``0..m``, drawn per copy) and the answer line half of the time. The whole part is
+            given to every problem, the fraction to that share of them. SFT on these teaches a
+            model to read a privileged context (the embedded student is trained with 3, the
+            teacher with 0.3). 0 adds none.
 
     The privileged context of this source (:meth:`privileged_context`) is
     :data:`~lit_zpd.tasks.privileged.COMPACT_TEMPLATE` cut into lines: the problem follows the
@@ -191,7 +193,7 @@ class ArithmeticCurriculum(ProblemSource):
         max_eval_per_skill: int | None = 40,
         prompt_template: str = "{expression}=?\n",
         verifier: VerifierName | Verifier = "boxed",
-        context_share: float = 0.0,
+        context_copies: float = 0.0,
     ) -> None:
         if problems_per_level < 1:
             raise ValueError(f"problems_per_level must be >= 1, got {problems_per_level}")
@@ -200,8 +202,8 @@ class ArithmeticCurriculum(ProblemSource):
                 "validation_fraction and test_fraction must be > 0 and sum to < 1, got "
                 f"{validation_fraction} and {test_fraction}"
             )
-        if not 0.0 <= context_share <= 1.0:
-            raise ValueError(f"context_share must be in [0, 1], got {context_share}")
+        if not 0.0 <= context_copies < 100:
+            raise ValueError(f"context_copies must be in [0, 100), got {context_copies}")
         if "{expression}" not in prompt_template:
             raise ValueError("prompt_template must contain '{expression}'")
         self.seed = seed
@@ -211,7 +213,7 @@ class ArithmeticCurriculum(ProblemSource):
         self.max_eval_per_skill = max_eval_per_skill
         self.prompt_template = prompt_template
         self.verifier = make_verifier(verifier, "data.source.verifier")
-        self.context_share = context_share
+        self.context_copies = context_copies
         self._cache: dict[Split, list[Problem]] | None = None
 
     def privileged_context(self) -> PrivilegedContext:
@@ -258,19 +260,21 @@ class ArithmeticCurriculum(ProblemSource):
                         difficulty=level,
                     )
                 )
-        if self.context_share > 0:
-            splits["train"] += [p for p in map(self._with_context, splits["train"]) if p is not None]
+        if self.context_copies > 0:
+            splits["train"] += [copy for p in splits["train"] for copy in self._with_context(p)]
         if self.max_eval_per_skill is not None:
             for split in ("validation", "test"):
                 splits[split] = cap_per_skill(splits[split], self.max_eval_per_skill)
         return splits
 
-    def _with_context(self, problem: Problem) -> Problem | None:
-        """The problem again with a partial reference in its prompt, for ``context_share`` of them."""
+    def _with_context(self, problem: Problem) -> list[Problem]:
+        """The problem's copies with a partial reference in the prompt (``context_copies``)."""
         rng = random.Random(f"{self.seed}:context:{problem.problem_id}")
-        if rng.random() >= self.context_share:
-            return None
+        copies = int(self.context_copies) + (rng.random() < self.context_copies % 1)
         context = self.privileged_context()
-        shown = rng.randint(0, len(context.split(problem)[0]))
-        prompt = context.prompt(problem, shown, with_answer=rng.random() < 0.5)
-        return replace(problem, problem_id=f"{problem.problem_id}#context", prompt=prompt)
+        lines = len(context.split(problem)[0])
+        out = []
+        for i in range(1, copies + 1):
+            prompt = context.prompt(problem, rng.randint(0, lines), with_answer=rng.random() < 0.5)
+            out.append(replace(problem, problem_id=f"{problem.problem_id}#context{i}", prompt=prompt))
+        return out

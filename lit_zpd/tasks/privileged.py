@@ -14,7 +14,7 @@ paragraphs or sentences of the rest.
 
 Two templates ship: :data:`OPSD_TEMPLATE`, OPSD's public teacher context in substance, for models
 that read English; :data:`COMPACT_TEMPLATE`, the one the embedded models are trained to read (see
-:class:`~lit_zpd.tasks.arithmetic.ArithmeticCurriculum`'s ``context_share``). A source names its
+:class:`~lit_zpd.tasks.arithmetic.ArithmeticCurriculum`'s ``context_copies``). A source names its
 own default with ``privileged_template``.
 """
 
