@@ -88,8 +88,10 @@ def seed_table(results: list[dict[str, object]], scalars: tuple[str, ...]) -> st
 
 def table(results: list[dict[str, object]]) -> str:
     skills = [*SKILL_GRAPH, "all"]
+    scalars = list(dict.fromkeys(t for r in results for t in r.get("scalars", {})))
     head = "| config | steps | student rollout tokens | minutes | " + " | ".join(f"{s} greedy" for s in skills) + " | all mean@8 | forgotten |"
-    rule = "|" + "---|" * (len(skills) + 6)
+    head += "".join(f" {t} |" for t in scalars)
+    rule = "|" + "---|" * (len(skills) + 6 + len(scalars))
     rows = []
     for r in results:
         start, end = r["start"], r["end"]
@@ -101,6 +103,7 @@ def table(results: list[dict[str, object]]) -> str:
             f"| {label} | {r['steps']} | {r['student_tokens']} | {r['minutes']:.1f} | "
             + " | ".join(cells)
             + f" | {mean_k} | {forgot} |"
+            + "".join(f" {r['scalars'][t]:.4f} |" if t in r.get("scalars", {}) else " |" for t in scalars)
         )
     teacher = next((r["teacher"] for r in results if r["teacher"]), None)
     if teacher:
