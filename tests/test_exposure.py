@@ -4,6 +4,7 @@ response-token alignment, the controller's policy, reward, update and resume."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from lit_zpd.callbacks.beta_kernel import BetaKernelWeighting
 from lit_zpd.callbacks.exposure import FEATURES, Decision, ExposureController, PrivilegedTeacher
 from lit_zpd.callbacks.replay_graduation import ReplayGraduationCallback
 from lit_zpd.module import DistillModule, LossConfig
+from lit_zpd.rollout.plan import RolloutHook
 from lit_zpd.tasks.arithmetic import ArithmeticCurriculum
 from lit_zpd.tasks.privileged import COMPACT_TEMPLATE, OPSD_TEMPLATE, PrivilegedContext
 from lit_zpd.tasks.problem import Problem
@@ -53,6 +55,18 @@ def test_segments_by_paragraph_and_sentence_and_an_answer_the_reference_lacks() 
     # A last line that holds the answer is the answer line.
     gsm = Problem("g", "Q?\n", "72", reference="48/2 = 24\n48+24 = 72\n#### 72")
     assert PrivilegedContext("{solution}|{problem}", segment_by="lines").reveal(gsm, 0.0) == "#### 72|Q?\n"
+
+
+def test_a_last_line_that_only_contains_the_answer_is_reasoning() -> None:
+    context = PrivilegedContext("{solution}|{problem}", segment_by="lines")
+    # "5" occurs in "7+8=15" but the line does not state the answer: it stays a reasoning segment.
+    tricky = Problem("t", "Q?\n", "5", reference="2+3=5\n7+8=15")
+    assert context.split(tricky) == (["2+3=5", "7+8=15"], "\\boxed{5}")
+    # A single-paragraph reference is one segment, shown only at a = 1.
+    paragraph = Problem("m", "Q?\n", "12", reference="Three fours make twelve, so the answer is 12.")
+    blank = PrivilegedContext("{solution}|{problem}", segment_by="blank_lines")
+    assert blank.reveal(paragraph, 0.9) == "\\boxed{12}|Q?\n"
+    assert blank.reveal(paragraph, 1.0) == "Three fours make twelve, so the answer is 12.\n\\boxed{12}|Q?\n"
 
 
 def test_bad_context_input_names_what_to_fix() -> None:
@@ -129,12 +143,44 @@ class Terms(Callback):
 
 
 def test_opsd_recipe_trains_and_reports_the_unclipped_mismatch(tiny_student: str) -> None:
-    module = opsd_module(tiny_student, entry_clip=0.05, temperature=1.1)
+    # A clip small enough to bind on the near-uniform distributions of a random tiny model.
+    clipped = opsd_module(tiny_student, entry_clip=1e-4, temperature=1.1)
     terms = Terms()
-    make_trainer(2, [PrivilegedTeacher(), terms]).fit(module, datamodule=make_data())
-    for step in terms.terms:
-        assert math.isfinite(step["forward_kl"]) and step["forward_kl_unclipped"] > 0
-        assert step["forward_kl"] <= step["forward_kl_unclipped"] + 1e-6
+    data = make_data()
+    make_trainer(2, [PrivilegedTeacher(), terms]).fit(clipped, datamodule=data)
+    assert len(terms.terms) == 2
+    assert all(math.isfinite(t["forward_kl"]) and t["forward_kl"] < t["forward_kl_unclipped"] for t in terms.terms)
+    # On one batch: the unclipped diagnostic is the divergence of the same loss without the clip,
+    # and the clip binds.
+    batch = data.rollout(2)
+    unclipped = opsd_module(tiny_student, temperature=1.1)
+    unclipped.student.load_state_dict(clipped.student.state_dict())
+    unclipped.teacher.load_state_dict(clipped.teacher.state_dict())
+    with torch.no_grad():
+        values, diagnostics = clipped.loss_terms(batch)
+        reference, _ = unclipped.loss_terms(batch)
+    torch.testing.assert_close(diagnostics["forward_kl_unclipped"], reference["forward_kl"])
+    assert values["forward_kl"] < 0.5 * reference["forward_kl"]
+
+
+def test_a_privileged_context_set_by_an_undeclared_hook_is_an_error(tiny_student: str) -> None:
+    class Sneaky(Callback, RolloutHook):
+        def on_plan(self, ctx: Any, plan: Any) -> None:
+            plan.prompts[0].teacher_prompt = "ref:\n" + plan.prompts[0].student_prompt
+
+    with pytest.raises(RuntimeError, match="teacher_context"):
+        make_trainer(1, [Sneaky()]).fit(opsd_module(tiny_student), datamodule=make_data())
+
+
+def test_problems_without_a_reference_are_named_at_setup(tiny_student: str) -> None:
+    class NoReference(ArithmeticCurriculum):
+        def problems(self, split: str) -> list[Problem]:
+            rows = super().problems(split)
+            return [replace(rows[0], reference=None), *rows[1:]] if split == "train" else rows
+
+    data = make_data(source=NoReference(problems_per_level=20, max_eval_per_skill=2))
+    with pytest.raises(ValueError, match="has no reference solution"):
+        make_trainer(1, [PrivilegedTeacher()]).fit(opsd_module(tiny_student), datamodule=data)
 
 
 def test_two_privileged_hooks_conflict_at_setup(tiny_student: str) -> None:
@@ -211,7 +257,10 @@ class Ratios(Callback):
         self.rows.append((trainer.global_step, batch.metrics["exposure/reveal_ratio"]))
 
 
-def controller_run(student: str, tmp_path: Path, steps: int, stop_at: int | None = None, ckpt: str | None = None, **kw: Any) -> tuple[ExposureController, Ratios, DistillModule]:
+def controller_run(
+    student: str, tmp_path: Path, steps: int, stop_at: int | None = None, ckpt: str | None = None,
+    data: dict[str, Any] | None = None, **kw: Any,
+) -> tuple[ExposureController, Ratios, DistillModule]:
     controller = ExposureController(**({"hold_steps": 2, "lookahead": 2, "decisions_per_update": 2, "probe_size": 4} | kw))
     ratios = Ratios()
     checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1, filename="{step}")
@@ -224,7 +273,7 @@ def controller_run(student: str, tmp_path: Path, steps: int, stop_at: int | None
         max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=0, default_root_dir=tmp_path, callbacks=callbacks,
     )
-    trainer.fit(module, datamodule=make_data(prompts_per_step=2), ckpt_path=ckpt)
+    trainer.fit(module, datamodule=make_data(**({"prompts_per_step": 2} | (data or {}))), ckpt_path=ckpt)
     return controller, ratios, module
 
 
@@ -249,6 +298,33 @@ def test_controller_learns_in_a_run_and_resumes_exactly(tiny_student: str, tmp_p
     assert _plain(resumed.state_dict()) == _plain(full.state_dict())
     for a, b in zip(full_module.student.parameters(), resumed_module.student.parameters()):
         assert torch.equal(a, b)
+
+
+def test_controller_resumes_exactly_between_minibatches_of_one_rollout(tiny_student: str, tmp_path: Path) -> None:
+    """Step 5 is the second minibatch of rollout 2: it is served from the checkpoint, not planned,
+    and the controller must still record its loss and probe."""
+    data = {"ppo_minibatches": 2}
+    full, full_ratios, _ = controller_run(tiny_student, tmp_path / "full", 8, data=data)
+    controller_run(tiny_student, tmp_path / "first", 8, stop_at=5, data=data)
+    resumed, resumed_ratios, _ = controller_run(tiny_student, tmp_path / "resumed", 8, ckpt=str(tmp_path / "first" / "step=5.ckpt"), data=data)
+    assert resumed_ratios.rows == full_ratios.rows[5:]
+    assert _plain(resumed.state_dict()) == _plain(full.state_dict())
+    assert full.updates >= 1
+
+
+@pytest.mark.parametrize("kw", [{"progress_loss": "train_loss"}, {"mode": "one_step"}])
+def test_training_loss_progress_and_one_step_reward_learn_in_a_run(tiny_student: str, tmp_path: Path, kw: dict[str, Any]) -> None:
+    controller, ratios, _ = controller_run(tiny_student, tmp_path, 10, **kw)
+    assert controller.updates >= 2
+    assert len({r for _, r in ratios.rows}) > 1
+    # Only the losses the unfinished decisions need are kept (hold 2, look-ahead <= 2).
+    assert len(controller.losses) <= 5
+
+
+def test_gradient_accumulation_is_refused(tiny_student: str) -> None:
+    trainer = make_trainer(2, [ExposureController()], accumulate_grad_batches=2)
+    with pytest.raises(ValueError, match="accumulate_grad_batches"):
+        trainer.fit(opsd_module(tiny_student), datamodule=make_data())
 
 
 @pytest.mark.parametrize("mode", ["fixed", "random"])

@@ -31,15 +31,28 @@ itself moves. The paper publishes neither ``H``, ``L``, ``gamma`` nor ``lambda_g
 are METHODS.md's reading.
 
 Modes, for the paper's ablations: ``learned`` (ATESD), ``fixed`` (``a = reveal_ratio``), ``random``
-(``a`` uniform in ``[ratio_min, ratio_max]``) and ``one_step`` (learned with the one-step reward,
-``L = 1``). Every mode measures and logs the same rewards; only ``learned`` and ``one_step``
-update the controller.
+(``a`` uniform in ``[ratio_min, ratio_max]``) and ``one_step`` (learned with the one-step
+learning progress, ``L = 1``, plus the same ``lambda_gt * G_gt``). Every mode measures and logs the
+same rewards; only ``learned`` and ``one_step`` update the controller.
 
-Logs per rollout: ``exposure/reveal_ratio``; for the controller ``exposure/policy_alpha``,
-``exposure/policy_beta``, ``exposure/probe_nll``, ``exposure/teacher_logprob``; per completed
-decision batch ``exposure/reward``, ``exposure/g_lp``, ``exposure/g_gt``, ``exposure/policy_entropy``,
+``G_gt`` rises with ``a`` by construction (the teacher reads part of what it is scored on): with
+a small ``lambda_gt`` it is a mild pull toward more exposure against ``G_lp``. The progress feature
+is ``t / trainer.max_steps`` (0 when ``max_steps`` is unbounded). Gradient accumulation is refused:
+rewards are per optimizer step.
+
+Logs per rollout ``exposure/reveal_ratio`` and ``exposure/probe_nll``; per decision
+``exposure/policy_alpha`` and ``exposure/policy_beta``; per controller update (every
+``decisions_per_update`` completed decisions) ``exposure/reward``, ``exposure/g_lp``, ``exposure/g_gt``, ``exposure/policy_entropy``,
 ``exposure/controller_loss``. The student-teacher mismatch is the module's ``train/forward_kl``
 (``train/forward_kl_unclipped`` under OPSD's per-entry clip).
+
+State: the controller's weights and Adam state, the pending and completed decisions, the losses
+they still need, the EMAs and the probe set are in ``state_dict`` as plain data and tensors. Its
+random draws come from streams seeded by ``(seed, "exposure", decision index)``, the same on every
+rank, so there is no generator state to save and a resumed run draws what an uninterrupted one
+would. Every measurement that enters a reward or a feature (the probe NLL, the teacher's
+log-probability, the training loss and mismatch, the confidence) is averaged over all ranks, so
+every rank takes the same decisions and the same controller steps.
 
 Plain prompts only get the context: BCQ and NCQ prompts (ZPPO) are the student's reformulations,
 and the teacher reads them as the student does.
@@ -48,7 +61,7 @@ and the teacher reads them as the student does.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
@@ -113,8 +126,17 @@ class PrivilegedTeacher(Callback, RolloutHook):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and getattr(pl_module, "teacher", None) is None:
+        if stage != "fit":
+            return
+        if getattr(pl_module, "teacher", None) is None:
             raise ValueError(f"{type(self).__name__}: a privileged teacher needs model.teacher (self_initial for OPSD)")
+        source = getattr(trainer.datamodule, "source", None)
+        missing = next((p.problem_id for p in source.problems("train") if not p.reference), None) if source else None
+        if missing is not None:
+            raise ValueError(
+                f"{type(self).__name__}: training problem {missing!r} has no reference solution; a privileged teacher "
+                "reads every problem's reference (map a reference field in data.source)"
+            )
 
     @override
     def rollout_controls(self) -> set[str]:
@@ -140,7 +162,8 @@ class Decision:
         features: The state ``s`` it was made in.
         sample: The Beta sample (before clipping; its log-probability is what REINFORCE moves).
         ratio: The reveal ratio used, the sample clipped to ``[ratio_min, ratio_max]``.
-        teacher_logprobs: The teacher's probe log-probability at each held step.
+        teacher_logprobs: The teacher's mean probe log-probability after each optimizer step the
+            decision was held for (its exposure-``a`` context).
     """
 
     index: int
@@ -320,14 +343,15 @@ class ExposureController(PrivilegedTeacher):
 
     @override
     def ratio_for(self, ctx: RolloutContext, plan: RolloutPlan) -> float:
+        # No collective here: every input was gathered after the optimizer steps (see
+        # on_train_batch_end), so a rank that fails in an earlier hook cannot leave others waiting.
         version = plan.policy_version
-        self._ctx = ctx
-        self._measure(ctx, version)
         metrics = plan.metrics
         ready = [d for d in self.pending if all(d.start + i in self.losses for i in range(self.lookahead + 1))]
         for decision in ready:
             self.pending.remove(decision)
-            self.completed.append((decision, *self.reward(decision)))
+            # A copy: the current decision may still be held (look-ahead shorter than the hold).
+            self.completed.append((replace(decision, teacher_logprobs=list(decision.teacher_logprobs)), *self.reward(decision)))
         if len(self.completed) >= self.decisions_per_update:
             batch, self.completed = self.completed, []
             metrics["exposure/reward"] = sum(g_lp + self.lambda_gt * g_gt for _, g_lp, g_gt in batch) / len(batch)
@@ -338,50 +362,61 @@ class ExposureController(PrivilegedTeacher):
         if self.current is None or version >= self.current.start + self.hold_steps:
             self.current = self._decide(ctx, version, metrics)
             self.pending.append(self.current)
-        decision = self.current
-        decision.teacher_logprobs.append(self._teacher_logprob(ctx, decision.ratio))
-        metrics["exposure/teacher_logprob"] = decision.teacher_logprobs[-1]
+            self.emas["ratio"] = _ema(self.emas.get("ratio"), self.current.ratio, self.ema)
         metrics["exposure/probe_nll"] = self.probe_nll
-        self.emas["ratio"] = _ema(self.emas.get("ratio"), decision.ratio, self.ema)
         # Keep the losses the unfinished decisions still need.
         oldest = min((d.start for d in self.pending), default=version)
         self.losses = {t: v for t, v in self.losses.items() if t >= oldest}
-        return decision.ratio
-
-    @override
-    def on_build(self, ctx: RolloutContext, plan: RolloutPlan, batch: RolloutBatch) -> None:
-        if batch.sampling_logprobs is None:
-            return
-        mask = batch.response_mask.bool()
-        local = (float(batch.sampling_logprobs[mask].exp().sum()), int(mask.sum()))
-        parts = ctx.gather(local)
-        total, count = sum(p[0] for p in parts), sum(p[1] for p in parts)
-        self.confidence = total / count if count else 0.0
+        return self.current.ratio
 
     # ----------------------------------------------------------------------------- training hooks
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        if stage == "fit" and trainer.accumulate_grad_batches != 1:
+            raise ValueError(
+                "ExposureController: trainer.accumulate_grad_batches must be 1 (its rewards are per optimizer step); "
+                "raise data.prompts_per_step instead"
+            )
         self._max_steps = max(trainer.max_steps, 0)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.policy.to(pl_module.device)
 
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._ctx = trainer.datamodule.context
+        if self.measured_version != pl_module.global_step:  # a fresh run: the starting weights
+            self._record(self._ctx, pl_module.global_step, self._gather_probe(self._ctx, with_teacher=False))
+
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._ctx is None or not isinstance(outputs, dict):
-            return
-        terms = outputs.get("terms", {})
+        """After every optimizer step: one gather of the step's loss, mismatch and confidence and of
+        the probe measurements of the new weights, so every rank holds the same numbers."""
+        ctx = self._ctx
+        assert ctx is not None, "on_train_start sets the context"
+        terms = outputs.get("terms", {}) if isinstance(outputs, dict) else {}
         mismatch = next((float(terms[k]) for k in _MISMATCH_TERMS if k in terms), 0.0)
-        parts = self._ctx.gather((float(outputs["loss"]), mismatch))
-        loss = sum(p[0] for p in parts) / len(parts)
-        mismatch = sum(p[1] for p in parts) / len(parts)
+        loss = float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs)
+        confidence = (0.0, 0)
+        if getattr(batch, "sampling_logprobs", None) is not None:
+            mask = batch.response_mask.bool()
+            confidence = (float(batch.sampling_logprobs[mask].exp().sum()), int(mask.sum()))
+        parts = ctx.gather(((loss, mismatch, *confidence), self._probe_sums(ctx, with_teacher=True)))
+        loss = sum(p[0][0] for p in parts) / len(parts)
+        mismatch = sum(p[0][1] for p in parts) / len(parts)
+        total, count = sum(p[0][2] for p in parts), sum(p[0][3] for p in parts)
+        if count:
+            self.confidence = total / count
         self.emas["loss"] = _ema(self.emas.get("loss"), loss, self.ema)
         self.emas["mismatch"] = _ema(self.emas.get("mismatch"), mismatch, self.ema)
         if self.progress_loss == "train_loss":
             self.losses[pl_module.global_step - 1] = loss  # the loss of the weights after t steps
-        # The weights after this optimizer step: measured here, so no version is missed when one
-        # rollout serves several steps (data.ppo_minibatches).
-        self._measure(self._ctx, pl_module.global_step)
+        # The weights after this optimizer step, measured here so that no version is missed when
+        # one rollout serves several steps (data.ppo_minibatches).
+        self._record(ctx, pl_module.global_step, _combine([p[1] for p in parts]))
 
     # ----------------------------------------------------------------------------- state
 
@@ -452,30 +487,35 @@ class ExposureController(PrivilegedTeacher):
             self.probe_ids = [p.problem_id for p in ctx.rng("exposure", "probe").sample(pool, min(self.probe_size, len(pool)))]
         return [ctx.problem(pid) for pid in self.probe_ids]
 
-    def _mean_logprob(self, ctx: RolloutContext, model: Any, prompts: list[str], problems: list[Any]) -> float:
-        """Mean per-token log-probability of the probe references, over every rank's share."""
-        rows = list(range(ctx.rank, len(problems), ctx.world_size))
-        values = ctx.response_logprobs(model, [prompts[i] for i in rows], [problems[i].reference for i in rows]) if rows else []
-        parts = ctx.gather((sum(float(v.sum()) for v in values), sum(len(v) for v in values)))
-        total, count = sum(p[0] for p in parts), sum(p[1] for p in parts)
-        return total / count if count else 0.0
-
-    def _measure(self, ctx: RolloutContext, version: int) -> None:
-        """The student's probe NLL with the weights after ``version`` optimizer steps, once per version."""
-        if self.measured_version == version:
-            return
+    def _probe_sums(self, ctx: RolloutContext, with_teacher: bool) -> tuple[float, int, float, int]:
+        """This rank's share of the probe: the student's summed log-probability of the reference
+        solutions from the problem alone and, under the current decision, the teacher's from its
+        exposure-``a`` context, with their token counts."""
         problems = self._probe(ctx)
-        nll = -self._mean_logprob(ctx, ctx.student, [p.prompt for p in problems], problems)
-        self.probe_nll = nll
-        self.emas["probe_nll"] = _ema(self.emas.get("probe_nll"), nll, self.ema)
+        rows = list(range(ctx.rank, len(problems), ctx.world_size))
+        mine = [problems[i] for i in rows]
+        references = [p.reference for p in mine]
+        student = ctx.response_logprobs(ctx.student, [p.prompt for p in mine], references) if mine else []
+        teacher = []
+        if with_teacher and self.current is not None and mine:
+            context = self.context(ctx)
+            teacher = ctx.response_logprobs(ctx.teacher, [context.reveal(p, self.current.ratio) for p in mine], references)
+        return (sum(float(v.sum()) for v in student), sum(len(v) for v in student),
+                sum(float(v.sum()) for v in teacher), sum(len(v) for v in teacher))
+
+    def _gather_probe(self, ctx: RolloutContext, with_teacher: bool) -> tuple[float, int, float, int]:
+        return _combine(ctx.gather(self._probe_sums(ctx, with_teacher)))
+
+    def _record(self, ctx: RolloutContext, version: int, sums: tuple[float, int, float, int]) -> None:
+        """Store the probe measurements of the weights after ``version`` optimizer steps."""
+        s_sum, s_count, t_sum, t_count = sums
+        self.probe_nll = -s_sum / s_count if s_count else 0.0
+        self.emas["probe_nll"] = _ema(self.emas.get("probe_nll"), self.probe_nll, self.ema)
         self.measured_version = version
         if self.progress_loss == "probe_nll":
-            self.losses[version] = nll
-
-    def _teacher_logprob(self, ctx: RolloutContext, ratio: float) -> float:
-        problems = self._probe(ctx)
-        context = self.context(ctx)
-        return self._mean_logprob(ctx, ctx.teacher, [context.reveal(p, ratio) for p in problems], problems)
+            self.losses[version] = self.probe_nll
+        if t_count and self.current is not None:
+            self.current.teacher_logprobs.append(t_sum / t_count)
 
 
 def _ema(previous: float | None, value: float, decay: float) -> float:
@@ -487,3 +527,8 @@ def _discounted_mean(values: list[float], gamma: float) -> float:
         return 0.0
     weights = [gamma**i for i in range(len(values))]
     return sum(w * v for w, v in zip(weights, values)) / sum(weights)
+
+
+def _combine(parts: list[tuple[float, int, float, int]]) -> tuple[float, int, float, int]:
+    """Sum every rank's probe sums and counts."""
+    return (sum(p[0] for p in parts), sum(p[1] for p in parts), sum(p[2] for p in parts), sum(p[3] for p in parts))

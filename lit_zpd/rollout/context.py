@@ -197,21 +197,27 @@ class RolloutContext:
             return None
 
     @torch.no_grad()
-    def response_logprobs(self, model: Any, prompts: list[str], responses: list[str]) -> list[Tensor]:
+    def response_logprobs(
+        self, model: Any, prompts: list[str], responses: list[str], rows_per_forward: int = 8
+    ) -> list[Tensor]:
         """Per-token log-probabilities of each ``response`` read after its ``prompt`` by ``model``
         (in eval mode, without gradient): teacher forcing, one ``(len(response tokens),)`` tensor
-        per pair, on CPU. This rank's pairs only; shard and :meth:`gather` for a global figure."""
-        prompt_ids = [self.tokenize(p) for p in prompts]
-        response_ids = [self.tokenize(r) for r in responses]
-        input_ids, attention_mask, response_mask = pack_rows(prompt_ids, response_ids, self.tokenizer.pad_token_id)
-        device = self.device
-        with evaluating(model):
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # position t predicts token t + 1
-        targets = input_ids[:, 1:].to(device)
-        picked = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
-        mask = response_mask[:, 1:].bool()
-        return [picked[row][mask[row]] for row in range(len(prompts))]
+        per pair, on CPU, ``rows_per_forward`` pairs per forward pass (the logits of one pass are
+        ``rows x length x vocabulary``). This rank's pairs only; shard and :meth:`gather` for a
+        global figure."""
+        out: list[Tensor] = []
+        vocab = len(self.tokenizer)  # heads are often padded past the tokenizer's ids
+        for start in range(0, len(prompts), rows_per_forward):
+            prompt_ids = [self.tokenize(p) for p in prompts[start : start + rows_per_forward]]
+            response_ids = [self.tokenize(r) for r in responses[start : start + rows_per_forward]]
+            input_ids, attention_mask, response_mask = pack_rows(prompt_ids, response_ids, self.tokenizer.pad_token_id)
+            with evaluating(model):
+                logits = model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)).logits
+            logp = torch.log_softmax(logits[:, :-1, :vocab].float(), dim=-1)  # position t predicts token t + 1
+            picked = logp.gather(-1, input_ids[:, 1:].to(self.device).unsqueeze(-1)).squeeze(-1).cpu()
+            mask = response_mask[:, 1:].bool()
+            out += [picked[row][mask[row]] for row in range(len(prompt_ids))]
+        return out
 
     # ----------------------------------------------------------------------------- randomness
 

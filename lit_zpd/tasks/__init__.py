@@ -2,6 +2,7 @@
 
 from lit_zpd.tasks.arithmetic import ArithmeticCurriculum
 from lit_zpd.tasks.dataset_source import DatasetSource
+from lit_zpd.tasks.privileged import COMPACT_TEMPLATE, OPSD_TEMPLATE, PrivilegedContext
 from lit_zpd.tasks.problem import Problem, ProblemSource
 from lit_zpd.tasks.verifier import (
     BoxedVerifier,
@@ -14,6 +15,6 @@ from lit_zpd.tasks.verifier import (
 )
 
 __all__ = [
-    "ArithmeticCurriculum", "BoxedVerifier", "DatasetSource", "GSM8KVerifier", "LastNumberVerifier",
-    "MathVerifyVerifier", "Problem", "ProblemSource", "Verifier", "extract_boxed", "score_response",
+    "COMPACT_TEMPLATE", "OPSD_TEMPLATE", "ArithmeticCurriculum", "BoxedVerifier", "DatasetSource", "GSM8KVerifier",
+    "LastNumberVerifier", "MathVerifyVerifier", "PrivilegedContext", "Problem", "ProblemSource", "Verifier", "extract_boxed", "score_response",
 ]

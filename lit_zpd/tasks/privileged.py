@@ -8,8 +8,9 @@ teacher reads the first ``floor(a * m)`` of them, and always the final answer.
 :class:`PrivilegedContext` turns a :class:`~lit_zpd.tasks.problem.Problem` and a reveal ratio into
 the teacher's prompt text through a template with two fields, ``{problem}`` (the student's prompt)
 and ``{solution}`` (the revealed segments, then the final answer line). The final answer line is
-the reference's last line when it holds the problem's answer (``\\boxed{85}``, ``#### 85``),
-otherwise ``answer_format`` filled with the answer. Segments are lines, blank-line separated
+the reference's last line when it states the problem's answer (``\\boxed{85}``, ``#### 85`` or
+``85`` alone); otherwise the whole reference is reasoning and ``answer_format`` filled with the
+answer is appended. Segments are lines, blank-line separated
 paragraphs or sentences of the rest.
 
 Two templates ship: :data:`OPSD_TEMPLATE`, OPSD's public teacher context in substance, for models
@@ -75,11 +76,9 @@ class PrivilegedContext:
         if not problem.reference:
             raise ValueError(f"problem {problem.problem_id!r} has no reference solution for a privileged teacher")
         body, _, last = problem.reference.rstrip().rpartition("\n")
-        if problem.answer and problem.answer in last:
-            answer = last
-        else:
-            body, answer = problem.reference.rstrip(), self.answer_format.format(answer=problem.answer)
-        return self.segments(body), answer
+        if body and _states_answer(last.strip(), problem.answer):
+            return self.segments(body), last
+        return self.segments(problem.reference.rstrip()), self.answer_format.format(answer=problem.answer)
 
     def segments(self, reasoning: str) -> list[str]:
         """``reasoning`` cut into segments, empty ones dropped."""
@@ -113,3 +112,9 @@ class PrivilegedContext:
         m = len(self.split(problem)[0])
         # The small epsilon keeps floor(0.5 * 4) from landing on 1.999...: ratios are exact fractions here.
         return self.prompt(problem, math.floor(ratio * m + 1e-9))
+
+
+def _states_answer(line: str, answer: str) -> bool:
+    """Whether a reference's last line is its final-answer line: ``\\boxed{answer}``,
+    ``#### answer`` or the answer alone."""
+    return bool(answer) and (f"\\boxed{{{answer}}}" in line or line in (f"#### {answer}", answer))
