@@ -19,7 +19,7 @@ from lit_zpd.callbacks.replay_graduation import ReplayGraduationCallback
 from lit_zpd.module import DistillModule, LossConfig
 from lit_zpd.rollout.plan import RolloutHook
 from lit_zpd.tasks.arithmetic import ArithmeticCurriculum
-from lit_zpd.tasks.privileged import COMPACT_TEMPLATE, OPSD_TEMPLATE, PrivilegedContext
+from lit_zpd.tasks.privileged import COMPACT_TEMPLATE, PrivilegedContext
 from lit_zpd.tasks.problem import Problem
 from tests.probes import StopAtStep
 from tests.test_rollout import OddLengthVerifier, make_data, make_trainer
@@ -355,12 +355,8 @@ def test_controller_stacks_with_replay_and_weighting(tiny_student: str) -> None:
     for batch in seen:
         plain_rows = [i for i, kind in enumerate(batch.kinds) if kind == "plain"]
         reformulated = [i for i, kind in enumerate(batch.kinds) if kind != "plain"]
-        def student(i: int) -> list[int]:
-            return batch.input_ids[i][batch.attention_mask[i].bool()].tolist()
-
-        def teacher(i: int) -> list[int]:
-            return batch.teacher_input_ids[i][batch.teacher_attention_mask[i].bool()].tolist()
-
-        assert all(teacher(i) != student(i) for i in plain_rows)
-        assert all(teacher(i) == student(i) for i in reformulated)
+        student = [ids[mask.bool()].tolist() for ids, mask in zip(batch.input_ids, batch.attention_mask)]
+        teacher = [ids[mask.bool()].tolist() for ids, mask in zip(batch.teacher_input_ids, batch.teacher_attention_mask)]
+        assert all(teacher[i] != student[i] for i in plain_rows)
+        assert all(teacher[i] == student[i] for i in reformulated)
     assert any(kind != "plain" for batch in seen for kind in batch.kinds)

@@ -71,7 +71,6 @@ from torch import Tensor, nn
 from torch.distributions import Beta
 from typing_extensions import override
 
-from lit_zpd.rollout.batch import RolloutBatch
 from lit_zpd.rollout.context import RolloutContext, seeded
 from lit_zpd.rollout.plan import RolloutHook, RolloutPlan
 from lit_zpd.tasks.privileged import PrivilegedContext, SegmentBy

@@ -17,11 +17,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lit_zpd.tasks.problem import SPLITS, Problem, ProblemSource, Split, cap_per_skill, hash_split
+from lit_zpd.tasks.skills import find_cycle
 from lit_zpd.tasks.verifier import (
     EXTRACTORS,
     AnswerExtractor,
@@ -389,30 +390,7 @@ def _read_skill_graph(path: str) -> dict[str, list[str]]:
         isinstance(prereqs, list) and all(isinstance(p, str) for p in prereqs) for prereqs in graph.values()
     ):
         raise ValueError(f"skill_graph_path: {path} must hold an object {{skill: [prerequisite, ...]}}")
-    cycle = _find_cycle(graph)
+    cycle = find_cycle(graph)
     if cycle:
         raise ValueError(f"skill_graph_path: {path} has a cycle: {' -> '.join(cycle)}")
     return graph
-
-
-def _find_cycle(graph: Mapping[str, Iterable[str]]) -> list[str] | None:
-    """A cycle of prerequisites, first skill repeated at the end, or ``None`` for a DAG."""
-    done: set[str] = set()
-
-    def visit(skill: str, path: list[str]) -> list[str] | None:
-        if skill in path:
-            return path[path.index(skill) :] + [skill]
-        if skill in done:
-            return None
-        for prereq in graph.get(skill, ()):
-            cycle = visit(prereq, [*path, skill])
-            if cycle:
-                return cycle
-        done.add(skill)
-        return None
-
-    for skill in graph:
-        cycle = visit(skill, [])
-        if cycle:
-            return cycle
-    return None
