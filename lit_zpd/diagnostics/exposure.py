@@ -23,13 +23,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lit_zpd.assets import resolve
 from lit_zpd.loss_config import LossConfig
 from lit_zpd.losses import generalized_jsd
-from lit_zpd.rollout.batch import pack_rows
+from lit_zpd.report import summarize
 from lit_zpd.rollout.context import RolloutContext
 from lit_zpd.rollout.engine import SamplingConfig
 from lit_zpd.rollout.hf_engine import HFEngine
 from lit_zpd.tasks.privileged import PrivilegedContext
 from lit_zpd.tasks.problem import Problem, ProblemSource
-from lit_zpd.teacher import evaluating
 
 
 def load_context(model: str, source: ProblemSource, max_new_tokens: int = 48, seed: int = 0) -> RolloutContext:
@@ -47,23 +46,17 @@ def load_context(model: str, source: ProblemSource, max_new_tokens: int = 48, se
     )
 
 
-def _by_skill(skills: list[str], values: list[float]) -> dict[str, float]:
-    out: dict[str, list[float]] = {}
-    for skill, value in zip(skills, values):
-        out.setdefault(skill, []).append(value)
-        out.setdefault("all", []).append(value)
-    return {k: sum(v) / len(v) for k, v in out.items()}
-
-
 def accuracy_by_reveal(
     ctx: RolloutContext, model: Any, problems: list[Problem], context: PrivilegedContext, ratios: list[float]
 ) -> dict[str, dict[str, float]]:
     """Greedy accuracy per skill (and ``all``): key ``"none"`` without a context, then one key per
     ratio (``"0.5"``) with the privileged context at that ratio."""
-    out = {"none": _by_skill([p.skill for p in problems], ctx.evaluate(model, problems).greedy_correct.tolist())}
+    def greedy(rows: list[Problem]) -> dict[str, float]:
+        return {k.removeprefix("greedy/"): v for k, v in summarize(ctx.evaluate(model, rows)).items() if k.startswith("greedy/")}
+
+    out = {"none": greedy(problems)}
     for ratio in ratios:
-        shown = [replace(p, prompt=context.reveal(p, ratio)) for p in problems]
-        out[f"{ratio:g}"] = _by_skill([p.skill for p in problems], ctx.evaluate(model, shown).greedy_correct.tolist())
+        out[f"{ratio:g}"] = greedy([replace(p, prompt=context.reveal(p, ratio)) for p in problems])
     return out
 
 
@@ -82,19 +75,10 @@ def mismatch_by_reveal(
     prompts = [ctx.tokenize(p.prompt) for p in problems]
     with ctx.seeded("mismatch_by_reveal"):
         responses = [c[0].token_ids for c in ctx.engine_for(student).generate(prompts, 1, sampling)]
-    vocab = len(ctx.tokenizer)
-    s_logits = _response_logits(ctx, student, prompts, responses)[:, :vocab]
+    s_logits = ctx.response_logits(student, prompts, responses)
     out = {}
     for ratio in ratios:
         t_prompts = [ctx.tokenize(context.reveal(p, ratio)) for p in problems]
-        t_logits = _response_logits(ctx, teacher, t_prompts, responses)[:, :vocab]
+        t_logits = ctx.response_logits(teacher, t_prompts, responses)
         out[f"{ratio:g}"] = float(generalized_jsd(s_logits, t_logits, beta=0.0).mean())
     return out
-
-
-def _response_logits(ctx: RolloutContext, model: Any, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
-    """``(N, V)`` logits at the positions that predict the response tokens, row after row."""
-    input_ids, attention_mask, response_mask = pack_rows(prompts, responses, ctx.tokenizer.pad_token_id)
-    with evaluating(model):
-        logits = model(input_ids=input_ids.to(ctx.device), attention_mask=attention_mask.to(ctx.device)).logits
-    return logits[:, :-1][response_mask[:, 1:].bool().to(ctx.device)].float().cpu()

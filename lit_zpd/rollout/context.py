@@ -197,27 +197,34 @@ class RolloutContext:
             return None
 
     @torch.no_grad()
-    def response_logprobs(
-        self, model: Any, prompts: list[str], responses: list[str], rows_per_forward: int = 8
-    ) -> list[Tensor]:
-        """Per-token log-probabilities of each ``response`` read after its ``prompt`` by ``model``
-        (in eval mode, without gradient): teacher forcing, one ``(len(response tokens),)`` tensor
-        per pair, on CPU, ``rows_per_forward`` pairs per forward pass (the logits of one pass are
-        ``rows x length x vocabulary``). This rank's pairs only; shard and :meth:`gather` for a
-        global figure."""
-        out: list[Tensor] = []
-        vocab = len(self.tokenizer)  # heads are often padded past the tokenizer's ids
-        for start in range(0, len(prompts), rows_per_forward):
-            prompt_ids = [self.tokenize(p) for p in prompts[start : start + rows_per_forward]]
-            response_ids = [self.tokenize(r) for r in responses[start : start + rows_per_forward]]
-            input_ids, attention_mask, response_mask = pack_rows(prompt_ids, response_ids, self.tokenizer.pad_token_id)
+    def response_logits(
+        self, model: Any, prompt_ids: list[list[int]], response_ids: list[list[int]], rows_per_forward: int = 8
+    ) -> Tensor:
+        """``(N, V)`` float32 logits, on CPU, at the positions that predict the response tokens of
+        each ``prompt + response`` row (teacher forcing, row after row, ``N`` their total length),
+        cut to the tokenizer's vocabulary (heads are often padded past it). ``model`` runs in eval
+        mode without gradient, ``rows_per_forward`` rows per pass."""
+        out = []
+        vocab = len(self.tokenizer)
+        for start in range(0, len(prompt_ids), rows_per_forward):
+            input_ids, attention_mask, response_mask = pack_rows(
+                prompt_ids[start : start + rows_per_forward], response_ids[start : start + rows_per_forward],
+                self.tokenizer.pad_token_id,
+            )
             with evaluating(model):
                 logits = model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)).logits
-            logp = torch.log_softmax(logits[:, :-1, :vocab].float(), dim=-1)  # position t predicts token t + 1
-            picked = logp.gather(-1, input_ids[:, 1:].to(self.device).unsqueeze(-1)).squeeze(-1).cpu()
-            mask = response_mask[:, 1:].bool()
-            out += [picked[row][mask[row]] for row in range(len(prompt_ids))]
-        return out
+            out.append(logits[:, :-1, :vocab][response_mask[:, 1:].bool().to(logits.device)].float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, len(self.tokenizer))
+
+    def response_logprobs(self, model: Any, prompts: list[str], responses: list[str]) -> list[Tensor]:
+        """Per-token log-probabilities of each ``response`` read after its ``prompt`` by ``model``
+        (:meth:`response_logits`): one ``(len(response tokens),)`` tensor per pair. This rank's
+        pairs only; shard and :meth:`gather` for a global figure."""
+        response_ids = [self.tokenize(r) for r in responses]
+        logits = self.response_logits(model, [self.tokenize(p) for p in prompts], response_ids)
+        targets = torch.tensor([t for ids in response_ids for t in ids], dtype=torch.long)
+        picked = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0]
+        return list(picked.split([len(ids) for ids in response_ids]))
 
     # ----------------------------------------------------------------------------- randomness
 
