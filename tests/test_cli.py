@@ -38,12 +38,13 @@ def test_unknown_key_is_named(capsys: pytest.CaptureFixture[str]) -> None:
     assert "not_a_term" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", [*BASELINES, "zppo", "paced"])
+@pytest.mark.parametrize("name", [*BASELINES, "zppo", "paced", "opsd", "atesd", "atesd+exposure_sweep/one_step"])
 def test_baseline_runs_a_few_steps(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every method's config (``a+b``: b is an overlay on a) trains and reports."""
     main(
         [
             "fit",
-            f"--config={ROOT / 'configs' / f'{name}.yaml'}",
+            *(f"--config={ROOT / 'configs' / f'{part}.yaml'}" for part in name.split("+")),
             "--trainer.max_steps=2",
             "--trainer.val_check_interval=2",
             "--trainer.enable_progress_bar=false",
