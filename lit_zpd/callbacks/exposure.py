@@ -73,7 +73,7 @@ from typing_extensions import override
 
 from lit_zpd.rollout.context import RolloutContext, seeded
 from lit_zpd.rollout.plan import RolloutHook, RolloutPlan
-from lit_zpd.tasks.privileged import PrivilegedContext, SegmentBy
+from lit_zpd.tasks.privileged import CONTEXT_COPY_MARK, PrivilegedContext, SegmentBy
 
 ExposureMode = Literal["learned", "fixed", "random", "one_step"]
 ProgressLoss = Literal["probe_nll", "train_loss"]
@@ -319,9 +319,13 @@ class ExposureController(PrivilegedTeacher):
         )
         return g_lp, _discounted_mean(decision.teacher_logprobs, self.gamma)
 
+    def returns(self, completed: list[tuple[Decision, float, float]]) -> list[float]:
+        """``R = G_lp + lambda_gt * G_gt`` of each completed decision."""
+        return [g_lp + self.lambda_gt * g_gt for _, g_lp, g_gt in completed]
+
     def update(self, completed: list[tuple[Decision, float, float]]) -> dict[str, float]:
         """One REINFORCE step over completed decisions; returns what to log."""
-        rewards = torch.tensor([g_lp + self.lambda_gt * g_gt for _, g_lp, g_gt in completed])
+        rewards = torch.tensor(self.returns(completed))
         std = rewards.std(correction=0)
         advantages = (rewards - rewards.mean()) / (std + 1e-8) if std > 0 else torch.zeros_like(rewards)
         device = next(self.policy.parameters()).device
@@ -353,7 +357,7 @@ class ExposureController(PrivilegedTeacher):
             self.completed.append((replace(decision, teacher_logprobs=list(decision.teacher_logprobs)), *self.reward(decision)))
         if len(self.completed) >= self.decisions_per_update:
             batch, self.completed = self.completed, []
-            metrics["exposure/reward"] = sum(g_lp + self.lambda_gt * g_gt for _, g_lp, g_gt in batch) / len(batch)
+            metrics["exposure/reward"] = sum(self.returns(batch)) / len(batch)
             metrics["exposure/g_lp"] = sum(g for _, g, _ in batch) / len(batch)
             metrics["exposure/g_gt"] = sum(g for _, _, g in batch) / len(batch)
             if self.mode in ("learned", "one_step"):
@@ -480,7 +484,7 @@ class ExposureController(PrivilegedTeacher):
 
     def _probe(self, ctx: RolloutContext) -> list[Any]:
         if not self.probe_ids:
-            pool = [p for p in ctx.source.problems("train") if p.reference and "#context" not in p.problem_id]
+            pool = [p for p in ctx.source.problems("train") if p.reference and CONTEXT_COPY_MARK not in p.problem_id]
             if not pool:
                 raise ValueError("ExposureController: no training problem has a reference solution for the probe set")
             self.probe_ids = [p.problem_id for p in ctx.rng("exposure", "probe").sample(pool, min(self.probe_size, len(pool)))]

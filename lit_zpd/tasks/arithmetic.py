@@ -17,7 +17,7 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
-from lit_zpd.tasks.privileged import COMPACT_TEMPLATE, PrivilegedContext
+from lit_zpd.tasks.privileged import COMPACT_TEMPLATE, CONTEXT_COPY_MARK, PrivilegedContext
 from lit_zpd.tasks.problem import Problem, ProblemSource, Split, cap_per_skill, hash_split
 from lit_zpd.tasks.verifier import Verifier, VerifierName, make_verifier
 
@@ -276,5 +276,5 @@ class ArithmeticCurriculum(ProblemSource):
         out = []
         for i in range(1, copies + 1):
             prompt = context.prompt(problem, rng.randint(0, lines), with_answer=rng.random() < 0.5)
-            out.append(replace(problem, problem_id=f"{problem.problem_id}#context{i}", prompt=prompt))
+            out.append(replace(problem, problem_id=f"{problem.problem_id}{CONTEXT_COPY_MARK}{i}", prompt=prompt))
         return out

@@ -37,6 +37,9 @@ OPSD_TEMPLATE = (
     "step-by-step reasoning that derives the same final answer to the problem below:\n{problem}"
 )
 COMPACT_TEMPLATE = "ref:\n{solution}\n{problem}"
+# Marks the id of a training problem copied with a partial reference already in its prompt
+# (``ArithmeticCurriculum(context_copies=...)``); such copies are no plain problems to probe.
+CONTEXT_COPY_MARK = "#context"
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
@@ -97,21 +100,22 @@ class PrivilegedContext:
     def prompt(self, problem: Problem, shown: int, with_answer: bool = True) -> str:
         """The teacher prompt with the first ``shown`` segments and, if ``with_answer``, the
         final answer line."""
-        segments, answer = self.split(problem)
-        revealed = segments[: max(0, shown)]
-        solution = self.join().join(revealed)
-        if with_answer:
-            solution = f"{solution}\n{answer}" if solution else answer
-        return self.template.format(problem=problem.prompt, solution=solution)
+        return self._render(problem, *self.split(problem), shown, with_answer)
 
     def reveal(self, problem: Problem, ratio: float) -> str:
         """The teacher prompt at reveal ratio ``ratio`` in [0, 1]: ``floor(ratio * m)`` of the
         ``m`` reasoning segments, and the final answer."""
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"reveal ratio must be in [0, 1], got {ratio}")
-        m = len(self.split(problem)[0])
-        # The small epsilon keeps floor(0.5 * 4) from landing on 1.999...: ratios are exact fractions here.
-        return self.prompt(problem, math.floor(ratio * m + 1e-9))
+        segments, answer = self.split(problem)
+        # The small epsilon keeps a product such as 0.29 * 100 = 28.999... from losing a segment.
+        return self._render(problem, segments, answer, math.floor(ratio * len(segments) + 1e-9), True)
+
+    def _render(self, problem: Problem, segments: list[str], answer: str, shown: int, with_answer: bool) -> str:
+        solution = self.join().join(segments[: max(0, shown)])
+        if with_answer:
+            solution = f"{solution}\n{answer}" if solution else answer
+        return self.template.format(problem=problem.prompt, solution=solution)
 
 
 def _states_answer(line: str, answer: str) -> bool:
