@@ -29,7 +29,7 @@ def test_difficulty_scale_follows_the_curriculum_in_steps_of_one_eleventh() -> N
 
 def test_gating_opens_a_skill_only_after_its_prerequisites_are_mastered() -> None:
     org = organizer(active_share=1.0)
-    org.start([Deficiency("mul_1digit", 0.9, 0.25, 0.6), Deficiency("add_carry", 0.5, 0.5, 0.5)])
+    org.identify([Deficiency("mul_1digit", 0.9, 0.25, 0.6), Deficiency("add_carry", 0.5, 0.5, 0.5)])
     # mul_1digit needs add_carry, which is deficient: only add_carry's easiest level is taught.
     assert org.active() == ["add_carry"]
     assert org.frontier() == {("add_carry", 1)}
@@ -38,7 +38,7 @@ def test_gating_opens_a_skill_only_after_its_prerequisites_are_mastered() -> Non
 
 def test_ceiling_rises_one_level_at_a_time_and_mastery_moves_on() -> None:
     org = organizer(active_share=1.0)
-    org.start([Deficiency("add_carry", 0.5, 0.5, 0.5), Deficiency("mul_1digit", 0.9, 0.25, 0.6)])
+    org.identify([Deficiency("add_carry", 0.5, 0.5, 0.5), Deficiency("mul_1digit", 0.9, 0.25, 0.6)])
     assert org.update({("add_carry", 1): 0.5})["raised"] == []  # not mastered yet
     assert org.update({("add_carry", 1): 0.95})["raised"] == ["add_carry"]
     assert org.frontier() == {("add_carry", 1), ("add_carry", 2)}  # one level (1/11 <= 0.15), not two
@@ -51,7 +51,7 @@ def test_ceiling_rises_one_level_at_a_time_and_mastery_moves_on() -> None:
 
 def test_a_small_step_cap_takes_several_probes_per_level() -> None:
     org = organizer(active_share=1.0, max_difficulty_step=0.05)
-    org.start([Deficiency("add_carry", 0.5, 0.5, 0.5)])
+    org.identify([Deficiency("add_carry", 0.5, 0.5, 0.5)])
     org.update({("add_carry", 1): 1.0})
     assert org.frontier() == {("add_carry", 1)}  # ceiling rose by 0.05, short of level 2 (0.09 away)
     org.update({})
@@ -60,7 +60,7 @@ def test_a_small_step_cap_takes_several_probes_per_level() -> None:
 
 def test_remediation_sends_a_forgotten_skill_back_to_the_frontier() -> None:
     org = organizer(active_share=1.0)
-    org.start([Deficiency("sub", 0.6, 0.25, 0.4)])
+    org.identify([Deficiency("sub", 0.6, 0.25, 0.4)])
     org.update({("sub", 1): 1.0})
     org.update({("sub", 2): 1.0})
     org.update({("sub", 3): 1.0})
@@ -72,16 +72,16 @@ def test_remediation_sends_a_forgotten_skill_back_to_the_frontier() -> None:
 
 def test_active_share_limits_the_skills_taught_at_once() -> None:
     org = organizer(active_share=0.25)
-    org.start([Deficiency(s, 0.5, 0.0, 0.5) for s in ("add_carry", "sub", "mul_1digit", "multi_step")])
+    org.identify([Deficiency(s, 0.5, 0.0, 0.5) for s in ("add_carry", "sub", "mul_1digit", "multi_step")])
     assert org.active() == ["add_carry"]  # ceil(0.25 * 4) = 1, most severe first among the open ones
 
 
 def test_state_round_trip_is_plain_data() -> None:
     org = organizer()
-    org.start([Deficiency("add_carry", 0.5, 0.5, 0.5)])
+    org.identify([Deficiency("add_carry", 0.5, 0.5, 0.5)])
     org.update({("add_carry", 1): 0.95, ("sub", 1): 0.7})
     state = org.state_dict()
-    assert all(isinstance(v, (list, dict)) for v in state.values())
+    assert all(isinstance(v, (list, dict, int)) for v in state.values())
     restored = organizer()
     restored.load_state_dict(state)
     assert restored.state_dict() == state and restored.frontier() == org.frontier()

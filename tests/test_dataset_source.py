@@ -284,6 +284,25 @@ def test_skill_graph_from_file(tmp_path):
         source.skill_graph()
 
 
+def test_skill_graph_in_yaml_inline_or_in_a_file(tmp_path):
+    rows = [{**row, "skill": ["add", "carry", "mul"][i % 3]} for i, row in enumerate(numbered_rows(9))]
+    path = str(write_jsonl(tmp_path / "d.jsonl", rows))
+    inline = DatasetSource(path, fields={"skill": "skill"}, skill_graph={"carry": ["add"], "mul": ["carry"]})
+    assert inline.skill_graph() == {"add": [], "carry": ["add"], "mul": ["carry"]}
+    graph_file = tmp_path / "graph.yaml"
+    graph_file.write_text("carry: [add]\nmul:\n  - carry\n")
+    assert DatasetSource(path, fields={"skill": "skill"}, skill_graph_path=str(graph_file)).skill_graph() == inline.skill_graph()
+    with pytest.raises(ValueError, match=r"skill_graph names skill 'division'"):
+        DatasetSource(path, fields={"skill": "skill"}, skill_graph={"mul": ["division"]}).skill_graph()
+    with pytest.raises(ValueError, match=r"skill_graph has a cycle: add -> mul -> add"):
+        DatasetSource(path, skill_graph={"add": ["mul"], "mul": ["add"]})
+    with pytest.raises(ValueError, match="not both"):
+        DatasetSource(path, skill_graph={}, skill_graph_path=str(graph_file))
+    graph_file.write_text("carry: add\n")
+    with pytest.raises(ValueError, match=r"graph.yaml must be a map"):
+        DatasetSource(path, skill_graph_path=str(graph_file))
+
+
 def test_skill_graph_cycle(tmp_path):
     graph_file = tmp_path / "graph.json"
     graph_file.write_text(json.dumps({"a": ["b"], "b": ["c"], "c": ["a"]}))

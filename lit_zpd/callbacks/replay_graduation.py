@@ -4,7 +4,9 @@ Per rollout, in the pipeline's phases (:mod:`lit_zpd.rollout.plan`):
 
 1. plan: add ``round(replay_ratio * |new|)`` problems per rank (rounded half up; ``|new|`` is
    the rank's drawn problems), drawn uniformly without replacement from the buffer, skipping
-   problems any rank drew new this rollout, as plain prompts marked ``replayed``. The draw comes
+   problems any rank drew new this rollout and problems the draw phase's restrictions exclude
+   (a curriculum's frontier: they stay buffered until it admits them again), as plain prompts
+   marked ``replayed``. The draw comes
    from a stream seeded by ``(seed, rollout index)``, the same on every rank; rank ``k`` takes every
    ``W``-th problem from ``k``, so ranks replay disjoint problems.
 2. augment (student rollouts only: the reformulations are built from the student's wrong
@@ -177,7 +179,7 @@ class ReplayGraduationCallback(Callback, RolloutHook):
     @override
     def on_plan(self, ctx: RolloutContext, plan: RolloutPlan) -> None:
         planned = plan.drawn_everywhere
-        available = [pid for pid in self.buffer if pid not in planned]
+        available = [pid for pid in self.buffer if pid not in planned and plan.draw.allows(ctx.problem(pid))]
         per_rank = _round_half_up(self.replay_ratio * plan.drawn)
         count = min(per_rank * ctx.world_size, len(available))
         replayed = ctx.rng("replay", self.seed, plan.rollout_index).sample(available, count)[ctx.rank :: ctx.world_size]

@@ -218,10 +218,14 @@ class RolloutContext:
 
     def response_logprobs(self, model: Any, prompts: list[str], responses: list[str]) -> list[Tensor]:
         """Per-token log-probabilities of each ``response`` read after its ``prompt`` by ``model``
-        (:meth:`response_logits`): one ``(len(response tokens),)`` tensor per pair. This rank's
-        pairs only; shard and :meth:`gather` for a global figure."""
-        response_ids = [self.tokenize(r) for r in responses]
-        logits = self.response_logits(model, [self.tokenize(p) for p in prompts], response_ids)
+        (:meth:`sequence_logprobs` of their tokens). This rank's pairs only; shard and
+        :meth:`gather` for a global figure."""
+        return self.sequence_logprobs(model, [self.tokenize(p) for p in prompts], [self.tokenize(r) for r in responses])
+
+    def sequence_logprobs(self, model: Any, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[Tensor]:
+        """Per-token log-probabilities of each response's tokens after its prompt's under ``model``
+        (:meth:`response_logits`): one ``(len(response),)`` float32 tensor per pair, on CPU."""
+        logits = self.response_logits(model, prompt_ids, response_ids)
         targets = torch.tensor([t for ids in response_ids for t in ids], dtype=torch.long)
         picked = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0]
         return list(picked.split([len(ids) for ids in response_ids]))
@@ -271,13 +275,18 @@ class RolloutContext:
 
     # ----------------------------------------------------------------------------- evaluation
 
-    def evaluate(self, model: Any, problems: list[Problem]) -> EvalBatch:
-        """Greedy correctness and mean correctness over ``eval_samples`` samples of ``problems``
-        (any subset: a split, one skill). The problems are shared out over the ranks and the
-        results gathered, in the order given, on every rank."""
+    def evaluate(self, model: Any, problems: list[Problem], *, samples: int | None = None, budget: bool = False) -> EvalBatch:
+        """Greedy correctness and mean correctness over ``samples`` samples (``eval_samples`` if
+        ``None``; 0 for greedy only) of ``problems`` (any subset: a split, one skill). The problems
+        are shared out over the ranks and the results gathered, in the order given, on every rank.
+        With ``budget`` the tokens generated here count as student rollout tokens (a curriculum's
+        probes of the student)."""
         shard = problems[self.rank :: self.world_size]
         local = EvalBatch.concat(
-            [self.evaluate_batch(model, shard[i : i + self.eval_batch_size]) for i in range(0, len(shard), self.eval_batch_size)]
+            [
+                self.evaluate_batch(model, shard[i : i + self.eval_batch_size], samples=samples, budget=budget)
+                for i in range(0, len(shard), self.eval_batch_size)
+            ]
         )
         if self.world_size == 1:
             return local
@@ -286,12 +295,14 @@ class RolloutContext:
         # Problem j was evaluated on rank j % W, as that rank's row j // W.
         return EvalBatch.concat(parts).take([starts[j % self.world_size] + j // self.world_size for j in range(len(problems))])
 
-    def evaluate_batch(self, model: Any, problems: list[Problem]) -> EvalBatch:
+    def evaluate_batch(self, model: Any, problems: list[Problem], *, samples: int | None = None, budget: bool = False) -> EvalBatch:
         """:meth:`evaluate` of one batch on this rank alone."""
         engine = self.engine_for(model)
+        samples = self.eval_samples if samples is None else samples
         prompts = [self.tokenize(p.prompt) for p in problems]
         greedy = engine.generate(prompts, 1, SamplingConfig(0.0, 1.0, self.eval_sampling.max_new_tokens))
         texts = [self.decode(g[0].token_ids) for g in greedy]
+        generated = sum(len(g[0].token_ids) for g in greedy)
         batch = EvalBatch(
             problem_ids=[p.problem_id for p in problems],
             skills=[p.skill for p in problems],
@@ -299,12 +310,14 @@ class RolloutContext:
             greedy_correct=torch.tensor([self.reward(t, p.answer) for p, t in zip(problems, texts)]),
             greedy_texts=texts,
         )
-        if self.eval_samples:
+        if samples:
             with self.seeded("eval"):
-                sampled = engine.generate(prompts, self.eval_samples, self.eval_sampling)
+                sampled = engine.generate(prompts, samples, self.eval_sampling)
+            generated += sum(len(c.token_ids) for group in sampled for c in group)
             batch.sample_pass_rate = torch.tensor(
                 [sum(self.reward(self.decode(c.token_ids), p.answer) for c in group) / len(group)
                  for p, group in zip(problems, sampled)]
             )
+        if budget:
+            self.count_student_tokens(generated)
         return batch
-

@@ -1,7 +1,7 @@
 """RolloutPipeline: one rollout, from problems to a :class:`~lit_zpd.rollout.batch.RolloutBatch`.
 
-The phases are those of :mod:`lit_zpd.rollout.plan`, in this order: draw, plan, sample, augment,
-measure (off-policy pass rates, when a hook asks), gather and track, observe, weight, build. Every
+The phases are those of :mod:`lit_zpd.rollout.plan`, in this order: draw, plan, sample, adapt,
+augment, measure (off-policy pass rates, when a hook asks), gather and track, observe, weight, build. Every
 random choice of rollout ``r`` comes from streams seeded by ``(seed, r)`` (and the rank), so a
 resumed run rolls out exactly what an uninterrupted one would.
 
@@ -106,7 +106,7 @@ class RolloutPipeline:
         try:
             plan = self.plan(index)
             with ctx.seeded("rollout", index):
-                groups = self._respond(plan, plan.prompts)
+                groups = self._adapt(plan, self._respond(plan, plan.prompts))
                 # Hooks sample inside the seeded block (e.g. a teacher), so their draws repeat on resume.
                 extra = [spec for hook in self.hooks for spec in hook.on_augment(ctx, plan, groups)]
                 if extra:
@@ -158,7 +158,7 @@ class RolloutPipeline:
         plan = RolloutPlan(
             rollout_index=index, policy_version=ctx.policy_version, data_source=self.source_for(index),
             prompts=[PromptSpec(p) for p in draws[ctx.rank]], drawn=len(draws[ctx.rank]),
-            drawn_everywhere=frozenset(p.problem_id for rank in draws for p in rank),
+            drawn_everywhere=frozenset(p.problem_id for rank in draws for p in rank), draw=request,
         )
         # The owner of the teacher context plans last, so that it sees every planned prompt.
         for hook in sorted(self.hooks, key=lambda h: "teacher_context" in h.rollout_controls()):
@@ -204,6 +204,18 @@ class RolloutPipeline:
                 group = _keep_correct(group)
             if group.token_ids:
                 groups.append(group)
+        return groups
+
+    def _adapt(self, plan: RolloutPlan, groups: list[RolloutGroup]) -> list[RolloutGroup]:
+        """The adapt phase: on teacher or reference batches, the owner of ``responses`` may
+        replace the groups (at most one hook declares it)."""
+        if plan.on_policy:
+            return groups
+        for hook in self.hooks:
+            adapted = hook.on_adapt(self.ctx, plan, groups)
+            if adapted is not None:
+                _check_declared(hook, {"responses"}, "the responses")
+                groups = adapted
         return groups
 
     def _measure(self, plan: RolloutPlan, groups: list[RolloutGroup]) -> list[GroupSummary]:

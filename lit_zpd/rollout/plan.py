@@ -7,22 +7,26 @@ calls every :class:`RolloutHook` before the next phase starts):
    :class:`~lit_zpd.rollout.sampler.ProblemSampler` may draw (:class:`DrawRequest`); it then
    draws this rank's new problems.
 2. **plan**: hooks add prompts (replayed problems, ...) and may set the step's data source and
-   loss (:class:`RolloutPlan`).
+   loss (:class:`RolloutPlan`). The plan carries the draw phase's request, so a hook that adds
+   problems of its own (a replay buffer) keeps to the same restrictions (:meth:`DrawRequest.allows`).
 3. The engine samples ``G`` completions per prompt; the problem source's verifier scores them
    into :class:`RolloutGroup` objects.
-4. **augment**: hooks return extra prompts built from those groups (BCQ/NCQ), sampled and
+4. **adapt** (teacher or reference batches): a hook may replace those groups with material fitted
+   to the student (IOA's Adapter: choose among the teacher's samples, rewrite them).
+5. **augment**: hooks return extra prompts built from those groups (BCQ/NCQ), sampled and
    scored in the same batch.
-5. Group statistics are computed once: every rank's groups are summarised
+6. Group statistics are computed once: every rank's groups are summarised
    (:class:`GroupSummary`), gathered across ranks, and the shared pass-rate tracker is updated.
-6. **observe**: hooks read the summaries of every rank (replay admission and graduation,
+7. **observe**: hooks read the summaries of every rank (replay admission and graduation,
    mastery); their state stays identical across ranks.
-7. **weight**: hooks return per-sample weight factors for this rank's groups; factors multiply.
-8. **build**: the :class:`~lit_zpd.rollout.batch.RolloutBatch` is built; hooks may add
+8. **weight**: hooks return per-sample weight factors for this rank's groups; factors multiply.
+9. **build**: the :class:`~lit_zpd.rollout.batch.RolloutBatch` is built; hooks may add
    ``extras``.
 
 What a hook may change is explicit. Additive effects (prompts added, weight factors, metrics
 logged) commute. The exclusive ones, ``data_source``, ``loss``, ``teacher_context`` (the
-``teacher_prompt`` of the planned prompts: a privileged context) and each ``extras.<key>``, must be
+``teacher_prompt`` of the planned prompts: a privileged context), ``responses`` (the adapt phase)
+and each ``extras.<key>``, must be
 declared in :meth:`RolloutHook.rollout_controls`: two hooks declaring the same control is an error
 at setup, and a hook that changes one it did not declare is an error when it does. Hooks of one
 phase run in a canonical order (by class name, then ``state_key``), so the order of
@@ -47,7 +51,7 @@ if TYPE_CHECKING:
 
 DataSource = Literal["student", "teacher", "reference"]
 PromptKind = Literal["plain", "bcq", "ncq"]
-CONTROLS = ("data_source", "loss", "teacher_context")
+CONTROLS = ("data_source", "loss", "teacher_context", "responses")
 
 
 @dataclass
@@ -95,6 +99,10 @@ class DrawRequest:
         """Draw problems in proportion to ``weight`` (>= 0)."""
         self.weightings[name] = weight
 
+    def allows(self, problem: Problem) -> bool:
+        """Whether every restriction admits ``problem`` (weights do not exclude)."""
+        return all(allowed(problem) for allowed in self.restrictions.values())
+
 
 @dataclass
 class RolloutPlan:
@@ -109,6 +117,8 @@ class RolloutPlan:
         prompts: The drawn problems first (``drawn`` of them), then the prompts hooks added.
         drawn: How many of ``prompts`` the sampler drew on this rank (``|new|`` in ZPPO's ratios).
         drawn_everywhere: Ids of the problems every rank drew new this rollout.
+        draw: The draw phase's restrictions and weights; problems a hook adds in the plan phase
+            should be ones it :meth:`~DrawRequest.allows`.
         loss: The loss of this rollout's optimizer steps; ``None`` keeps the module's
             ``model.loss``. A control.
         metrics: Per-rollout scalars logged once per rollout (``replay/admitted``, ...).
@@ -121,6 +131,7 @@ class RolloutPlan:
     prompts: list[PromptSpec]
     drawn: int = 0
     drawn_everywhere: frozenset[str] = frozenset()
+    draw: DrawRequest = field(default_factory=DrawRequest)
     loss: LossConfig | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     histograms: dict[str, Tensor] = field(default_factory=dict)
@@ -215,7 +226,7 @@ class RolloutHook:
 
     def rollout_controls(self) -> set[str]:
         """Exclusive settings this hook sets: ``data_source``, ``loss``, ``teacher_context``,
-        ``extras.<key>``."""
+        ``responses``, ``extras.<key>``."""
         return set()
 
     def needs_pass_rates(self) -> bool:
@@ -229,6 +240,11 @@ class RolloutHook:
     def on_plan(self, ctx: RolloutContext, plan: RolloutPlan) -> None:
         """Add prompts; set ``plan.data_source``, ``plan.loss`` or the prompts' ``teacher_prompt``
         when declared."""
+
+    def on_adapt(self, ctx: RolloutContext, plan: RolloutPlan, groups: list[RolloutGroup]) -> list[RolloutGroup] | None:
+        """Off-policy batches: this rank's scored teacher or reference groups replaced by the
+        hook's choice of them (declared as ``responses``), or ``None`` to leave them."""
+        return None
 
     def on_augment(self, ctx: RolloutContext, plan: RolloutPlan, groups: list[RolloutGroup]) -> list[PromptSpec]:
         """Extra prompts of this batch, given this rank's scored groups; sampled and scored in a

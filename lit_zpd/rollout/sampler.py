@@ -77,7 +77,7 @@ class ProblemSampler:
     def _weighted(self, rollout_index: int, world_size: int, request: DrawRequest) -> list[Problem]:
         allowed: list[tuple[Problem, float]] = []
         for problem in self.problems:
-            if not all(ok(problem) for ok in request.restrictions.values()):
+            if not request.allows(problem):
                 continue
             weight = math.prod(w(problem) for w in request.weightings.values())
             if weight < 0 or not math.isfinite(weight):

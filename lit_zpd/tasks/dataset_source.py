@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import yaml
 
 from lit_zpd.tasks.problem import SPLITS, Problem, ProblemSource, Split, cap_per_skill, hash_split
 from lit_zpd.tasks.skills import find_cycle
@@ -88,8 +89,10 @@ class DatasetSource(ProblemSource):
         seed: Decides which rows are carved into validation and test.
         max_eval_per_skill: Cap on validation and test problems per skill, taken round-robin
             over difficulty levels; ``None`` keeps all.
-        skill_graph_path: JSON file ``{skill: [prerequisite, ...]}``, a DAG over the skills of
-            the data set; skills it leaves out have no prerequisites. ``None``: no skill has any.
+        skill_graph: The prerequisite map ``{skill: [prerequisite, ...]}``, written in the YAML
+            config itself: a DAG over the skills of the data set; skills it leaves out have no
+            prerequisites. ``None`` (and no ``skill_graph_path``): no skill has any.
+        skill_graph_path: The same map in a YAML or JSON file, instead of ``skill_graph``.
         verifier: Scores the model's responses: ``boxed`` (default), ``gsm8k`` (``#### 42``),
             ``last_number``, ``math_verify`` (LaTeX answers compared symbolically) or a
             :class:`~lit_zpd.tasks.verifier.Verifier` given by ``class_path``.
@@ -117,6 +120,7 @@ class DatasetSource(ProblemSource):
         test_fraction: float = 0.1,
         seed: int = 0,
         max_eval_per_skill: int | None = None,
+        skill_graph: dict[str, list[str]] | None = None,
         skill_graph_path: str | None = None,
         verifier: VerifierName | Verifier = "boxed",
     ) -> None:
@@ -155,9 +159,15 @@ class DatasetSource(ProblemSource):
         if max_eval_per_skill is not None and max_eval_per_skill < 1:
             raise ValueError(f"max_eval_per_skill must be >= 1 or null, got {max_eval_per_skill}")
         self.max_eval_per_skill = max_eval_per_skill
+        if skill_graph is not None and skill_graph_path is not None:
+            raise ValueError("give the prerequisite map once: skill_graph or skill_graph_path, not both")
         self.skill_graph_path = skill_graph_path
+        self._graph_key = "skill_graph" if skill_graph is not None else f"skill_graph_path: {skill_graph_path}"
         self.verifier = make_verifier(verifier, "data.source.verifier")
-        self._declared_graph = None if skill_graph_path is None else _read_skill_graph(skill_graph_path)
+        if skill_graph is not None:
+            self._declared_graph: dict[str, list[str]] | None = _check_skill_graph(skill_graph, "skill_graph")
+        else:
+            self._declared_graph = None if skill_graph_path is None else _read_skill_graph(skill_graph_path)
         self._cache: dict[Split, list[Problem]] | None = None
 
     def problems(self, split: Split) -> list[Problem]:
@@ -173,7 +183,7 @@ class DatasetSource(ProblemSource):
         unknown = sorted(named - set(present))
         if unknown:
             raise ValueError(
-                f"skill_graph_path: {self.skill_graph_path} names skill {unknown[0]!r}, which no "
+                f"{self._graph_key} names skill {unknown[0]!r}, which no "
                 f"problem has; the data set's skills are {', '.join(present)}"
             )
         return {skill: list(self._declared_graph.get(skill, [])) for skill in present}
@@ -380,17 +390,22 @@ def _load_path(root: Path) -> dict[str, Dataset]:
 
 
 def _read_skill_graph(path: str) -> dict[str, list[str]]:
+    """The prerequisite map in a YAML or JSON file (YAML reads both)."""
     try:
-        graph = json.loads(Path(path).read_text())
+        graph = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
         raise ValueError(f"skill_graph_path: no such file: {path!r}") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"skill_graph_path: {path} is not valid JSON: {error}") from None
+    except yaml.YAMLError as error:
+        raise ValueError(f"skill_graph_path: {path} is not valid YAML or JSON: {error}") from None
+    return _check_skill_graph(graph, f"skill_graph_path: {path}")
+
+
+def _check_skill_graph(graph: Any, where: str) -> dict[str, list[str]]:
     if not isinstance(graph, dict) or not all(
         isinstance(prereqs, list) and all(isinstance(p, str) for p in prereqs) for prereqs in graph.values()
     ):
-        raise ValueError(f"skill_graph_path: {path} must hold an object {{skill: [prerequisite, ...]}}")
+        raise ValueError(f"{where} must be a map {{skill: [prerequisite, ...]}}")
     cycle = find_cycle(graph)
     if cycle:
-        raise ValueError(f"skill_graph_path: {path} has a cycle: {' -> '.join(cycle)}")
+        raise ValueError(f"{where} has a cycle: {' -> '.join(cycle)}")
     return graph

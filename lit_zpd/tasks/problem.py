@@ -52,6 +52,12 @@ class ProblemSource(ABC):
         segments); OPSD's template over blank-line paragraphs unless a source knows better."""
         return PrivilegedContext()
 
+    def rewrite_solution(self, problem: Problem, response: str) -> str | None:
+        """IOA's Adapter rewrite: a correct ``response`` (a teacher's solution of ``problem``)
+        in this source's standard solution template with every step explicit; ``None`` when the
+        response is wrong. Sources without a template raise ``NotImplementedError``."""
+        raise NotImplementedError(f"{type(self).__name__} has no standard solution template to rewrite into")
+
     def skill_graph(self) -> dict[str, list[str]]:
         """Prerequisites of every skill, ``{skill: [prerequisite, ...]}``; a DAG."""
         skills = sorted({p.skill for p in self.problems("train")})
