@@ -183,6 +183,7 @@ class Organizer:
                 continue
             if self.skill_mastered(skill):
                 self.mastered.add(skill)
+                self.ceiling[skill] = self.difficulty[(skill, self.levels(skill)[-1])]  # every level, should it return
                 events["mastered"].append(skill)
                 continue
             below = [lv for lv in self.levels(skill) if self.difficulty[(skill, lv)] <= self.ceiling[skill] + 1e-9]
