@@ -10,7 +10,8 @@ Each name is a config under configs/ (without .yaml), or several joined by ``+``
 overlays, e.g. ``atesd+exposure_sweep/fixed_0.5``); every ``--override`` is passed to each run's
 command line after the configs. With ``--seeds`` every config runs once per seed
 (``--seed_everything``) and a second table gives the mean and the spread (sample standard deviation)
-over seeds; ``--scalars`` adds the run-mean of logged TensorBoard scalars. For every run the table
+over seeds, with the share of the teacher's greedy accuracy the student retains at the end
+(``retained``); ``--scalars`` adds the run-mean of logged TensorBoard scalars. For every run the table
 gives its wall time on this machine, the student rollout tokens it spent, and the student's validation accuracy before and after training:
 greedy accuracy per skill and overall, the mean accuracy over 8 samples at temperature 1.0, and
 forgetting: of the validation problems the student solved greedily at the start, the share it
@@ -68,8 +69,8 @@ def seed_table(results: list[dict[str, object]], scalars: tuple[str, ...]) -> st
     """Mean and spread over seeds, one row per config."""
     skills = [*SKILL_GRAPH, "all"]
     names = list(dict.fromkeys(str(r["name"]) for r in results))
-    head = "| config | seeds | minutes | " + " | ".join(f"{s} greedy" for s in skills) + " | all mean@8 | forgotten | " + " | ".join(scalars) + " |"
-    rule = "|" + "---|" * (len(skills) + 5 + len(scalars))
+    head = "| config | seeds | minutes | " + " | ".join(f"{s} greedy" for s in skills) + " | all mean@8 | forgotten | retained | " + " | ".join(scalars) + " |"
+    rule = "|" + "---|" * (len(skills) + 6 + len(scalars))
     rows = []
 
     def spread(values: list[float]) -> str:
@@ -80,6 +81,8 @@ def seed_table(results: list[dict[str, object]], scalars: tuple[str, ...]) -> st
         runs = [r for r in results if r["name"] == name]
         cells = [spread([r["end"][f"greedy/{s}"] for r in runs]) for s in skills]
         cells += [spread([r["end"]["mean_at_k/all"] for r in runs]), spread([r["end"]["forgotten/all"] for r in runs])]
+        retained = [r["end"]["greedy/all"] / r["teacher"]["greedy/all"] for r in runs if r["teacher"]]
+        cells.append(spread(retained) if retained else "")
         cells += [spread([r["scalars"][t] for r in runs if t in r["scalars"]]) if any(t in r["scalars"] for r in runs) else "" for t in scalars]
         minutes = statistics.fmean(r["minutes"] for r in runs)
         rows.append(f"| {name} | {len(runs)} | {minutes:.1f} | " + " | ".join(cells) + " |")

@@ -92,3 +92,15 @@ def test_bad_settings_are_named() -> None:
         organizer(mastery_ratio=1.5)
     with pytest.raises(ValueError, match="max_difficulty_step"):
         organizer(max_difficulty_step=0.0)
+
+
+def test_a_rerun_of_the_identifier_keeps_the_stage_and_appends_new_deficiencies() -> None:
+    org = organizer(active_share=0.25)
+    org.identify([Deficiency("mul_1digit", 0.9, 0.25, 0.6), Deficiency("sub", 0.5, 0.25, 0.4)])
+    assert org.active() == ["mul_1digit"]
+    # sub is now more severe than mul_1digit, and add_carry has become deficient: the stage being
+    # taught stays until mastered; add_carry, mul_1digit's prerequisite, closes it meanwhile.
+    added = org.identify([Deficiency("sub", 0.9, 0.25, 0.7), Deficiency("add_carry", 0.5, 0.5, 0.5), Deficiency("mul_1digit", 0.3, 0.25, 0.3)])
+    assert added == ["add_carry"] and org.deficient == ["mul_1digit", "sub", "add_carry"]
+    assert "add_carry" not in org.mastered and org.frontier() == {("sub", 1)}
+    assert org.identified == 2

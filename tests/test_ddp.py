@@ -83,6 +83,18 @@ def test_atesd_controller_agrees_across_processes(tmp_path: Path) -> None:
     assert ranks[0]["hooks"]["ExposureController"]["updates"] >= 2
 
 
+def test_ioa_curriculum_agrees_across_processes(tmp_path: Path) -> None:
+    """The probes are shared out and gathered: both ranks hold the same Organizer and draw from the
+    same frontier (each its own problems)."""
+    ranks = fit(
+        "ioa", tmp_path, "--report=null", "--trainer.max_steps=4", "--data.source.max_eval_per_skill=12",
+        callback_args=("--trainer.callbacks.init_args.probe_size=2", "--trainer.callbacks.init_args.reprobe_every_n_steps=2"),
+    )
+    assert_ranks_agree(ranks)
+    state = ranks[0]["hooks"]["CurriculumScheduler"]
+    assert len(state["history"]) == 2 and state["history"][0]["deficient"]
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (nccl); the CPU runs above cover the logic")
 def test_zppo_on_two_gpus(tmp_path: Path) -> None:
     ranks = fit("zppo", tmp_path, "--report=null", "--trainer.max_steps=8", accelerator="gpu")

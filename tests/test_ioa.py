@@ -16,7 +16,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lit_zpd.callbacks.adapter import TeacherAdapter
+from lit_zpd.callbacks.beta_kernel import BetaKernelWeighting
 from lit_zpd.callbacks.curriculum import CurriculumScheduler, cell_of
+from lit_zpd.callbacks.kl_schedule import KLSchedule, ScheduleStage
 from lit_zpd.callbacks.replay_graduation import ReplayGraduationCallback
 from lit_zpd.callbacks.rollout_logging import RolloutLogger
 from lit_zpd.cli import main
@@ -332,6 +334,33 @@ def test_stacked_with_zppo_every_row_replayed_or_new_is_a_frontier_problem() -> 
     for cells, allowed, _ in restricted:
         assert set(cells) <= allowed  # plain, replayed, BCQ and NCQ rows alike
     assert replay.admissions > 0
+
+
+def test_stacked_with_paced_weighting_and_a_teacher_first_schedule() -> None:
+    """The frontier holds on the schedule's teacher stage and its student stage; PACED still
+    weights the rows; the Adapter acts on the teacher stage only."""
+    scheduler = CurriculumScheduler(probe_size=4, reprobe_every_n_steps=2)
+    seen = Seen(scheduler)
+    kept: list[Any] = []
+
+    class Keep(Callback):
+        def on_train_batch_start(self, trainer: Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            kept.append((batch.source, batch.weights.clone(), dict(batch.metrics)))
+
+    schedule = KLSchedule(
+        before=ScheduleStage(loss={"forward_kl": 1.0}, data_source="teacher"),
+        after=ScheduleStage(loss={"reverse_kl": 1.0}, data_source="student"), switch_at_step=3,
+    )
+    module = DistillModule(loss=LossConfig(forward_kl=1.0))
+    data = make_data(**EMBEDDED, samples_per_prompt=4, teacher_samples_per_prompt=2)
+    callbacks = [scheduler, BetaKernelWeighting(), schedule, TeacherAdapter(), seen, Keep()]
+    Trainer(max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            limit_val_batches=0, callbacks=callbacks).fit(module, datamodule=data)
+    assert [source for source, _, _ in kept] == ["teacher"] * 3 + ["student"] * 3
+    for cells, allowed, _ in seen.rows:
+        assert allowed is not None and set(cells) <= allowed
+    assert any((weights != 1).any() for _, weights, _ in kept)
+    assert all(("curriculum/adapter_candidates" in metrics) == (source == "teacher") for source, _, metrics in kept)
 
 
 @pytest.mark.parametrize("name", ["ioa", "ioa+ioa_ablations/rewrite", "ioa_zppo", "ioa_gkd"])

@@ -121,17 +121,15 @@ class Organizer:
 
     def identify(self, found: list[Deficiency]) -> list[str]:
         """Take a run of the Identifier. The first run starts the curriculum: every skill not found
-        deficient counts as mastered. Later runs add the skills newly found deficient (they leave
-        the mastered set); a skill found before keeps its ceiling and mastery, and the teaching
-        order follows the latest severity. A deficient skill starts at its easiest level.
-        Returns the skills added."""
+        deficient counts as mastered, the deficient ones are taught most severe first. Later runs
+        add the skills newly found deficient after them (they leave the mastered set); a skill
+        found before keeps its place, ceiling and mastery, so a stage is never left before it is
+        mastered. A deficient skill starts at its easiest level. Returns the skills added."""
         if not self.identified:
             self.mastered = set(self.graph.skills)
         self.identified += 1
         new = [d.skill for d in found if d.skill not in self.deficient]
-        rank = {d.skill: i for i, d in enumerate(found)}
-        before = {skill: i for i, skill in enumerate(self.deficient)}
-        self.deficient = sorted([*self.deficient, *new], key=lambda s: (rank.get(s, len(found)), before.get(s, 0)))
+        self.deficient += new
         for skill in new:
             self.mastered.discard(skill)
             self.ceiling[skill] = self.difficulty[(skill, self.levels(skill)[0])]
@@ -410,6 +408,20 @@ class CurriculumScheduler(Callback, RolloutHook):
         for skill, _, ratio in self.history[-1]["ratios"] if self.history else []:
             out[skill] = min(out.get(skill, math.inf), ratio)
         return out
+
+    def summary(self) -> dict[str, float]:
+        """Run-level counts: probes, skills found deficient at the first probe and since, deficient
+        skills mastered, frontier cells now."""
+        if self.organizer is None or not self.history:
+            return {}
+        org = self.organizer
+        return {
+            "probes": float(len(self.history)),
+            "deficient_at_first_probe": float(len(self.history[0]["deficient"])),
+            "deficient_since": float(len(org.deficient)),
+            "mastered": float(sum(s in org.mastered for s in org.deficient)),
+            "frontier_cells": float(len(org.frontier())),
+        }
 
     def summary_table(self) -> str:
         """Per skill: accuracy of the student at the first and the last probe, the teacher's, the
