@@ -104,3 +104,15 @@ def test_a_rerun_of_the_identifier_keeps_the_stage_and_appends_new_deficiencies(
     assert added == ["add_carry"] and org.deficient == ["mul_1digit", "sub", "add_carry"]
     assert "add_carry" not in org.mastered and org.frontier() == {("sub", 1)}
     assert org.identified == 2
+
+
+def test_a_skill_unlocked_by_this_probe_waits_for_the_next_whatever_the_severity_order() -> None:
+    org = organizer(active_share=0.25)
+    # multi_step (more severe) is listed before its prerequisite mul_1digit.
+    org.identify([Deficiency("multi_step", 0.9, 0.0, 0.9), Deficiency("mul_1digit", 0.6, 0.25, 0.5)])
+    assert org.active() == ["mul_1digit"]
+    events = org.update({("mul_1digit", 1): 1.0, ("mul_1digit", 2): 1.0, ("multi_step", 1): 1.0})
+    # mul_1digit is mastered; multi_step opens now but was not taught: no ceiling raise yet.
+    assert events == {"raised": [], "mastered": ["mul_1digit"], "remediated": []}
+    assert org.frontier() == {("multi_step", 1)}
+    assert org.update({})["raised"] == ["multi_step"]

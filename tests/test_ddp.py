@@ -85,7 +85,8 @@ def test_atesd_controller_agrees_across_processes(tmp_path: Path) -> None:
 
 def test_ioa_curriculum_agrees_across_processes(tmp_path: Path) -> None:
     """The probes are shared out and gathered: both ranks hold the same Organizer and draw from the
-    same frontier (each its own problems)."""
+    same frontier (each its own problems). The callback arguments reach the CurriculumScheduler
+    because it is the last callback of configs/ioa.yaml."""
     ranks = fit(
         "ioa", tmp_path, "--report=null", "--trainer.max_steps=4", "--data.source.max_eval_per_skill=12",
         callback_args=("--trainer.callbacks.init_args.probe_size=2", "--trainer.callbacks.init_args.reprobe_every_n_steps=2"),

@@ -25,7 +25,7 @@ from lit_zpd.cli import main
 from lit_zpd.module import DistillModule, LossConfig
 from lit_zpd.rollout.context import RolloutContext
 from lit_zpd.rollout.engine import Completion, RolloutEngine, SamplingConfig
-from lit_zpd.rollout.plan import DrawRequest, PromptSpec, RolloutGroup, RolloutPlan
+from lit_zpd.rollout.plan import DrawRequest, PromptSpec, RolloutGroup, RolloutHook, RolloutPlan
 from lit_zpd.rollout.sampler import ProblemSampler
 from lit_zpd.tasks.arithmetic import ArithmeticCurriculum
 from lit_zpd.tasks.problem import SPLITS, Problem
@@ -174,6 +174,32 @@ def test_probe_split_must_cover_every_training_cell_and_settings_are_named() -> 
             CurriculumScheduler(**kwargs)
 
 
+def test_a_graph_skill_without_training_problems_is_named() -> None:
+    class WithDivision(ArithmeticCurriculum):
+        def skill_graph(self) -> dict[str, list[str]]:
+            return super().skill_graph() | {"division": ["mul_1digit"]}
+
+    ctx, _, _ = cell_context(set())
+    ctx.source = WithDivision(problems_per_level=200, max_eval_per_skill=None)
+    with pytest.raises(ValueError, match="skill 'division' of data.source's skill graph has no training problem"):
+        CurriculumScheduler().on_draw(ctx, DrawRequest())
+
+
+def test_a_resume_with_another_probe_set_probes_the_teacher_again() -> None:
+    ctx, _, teacher = cell_context({c for c in ALL_CELLS if c[0] == "add_1digit"})
+    scheduler = CurriculumScheduler(probe_size=4)
+    draw_cells(scheduler, ctx)
+    state = scheduler.state_dict()
+    same, other = CurriculumScheduler(probe_size=4), CurriculumScheduler(probe_size=3)
+    same.load_state_dict(state)
+    other.load_state_dict(state)
+    assert same.teacher_accuracy == scheduler.teacher_accuracy and other.teacher_accuracy is None
+    before = teacher.generated
+    ctx.policy_version = 25
+    draw_cells(other, ctx)
+    assert teacher.generated > before and len(other.history) == 2
+
+
 def test_the_live_student_is_no_yardstick(tiny_student: str) -> None:
     module = DistillModule(student=tiny_student, teacher="self_live", loss=LossConfig(sft=1.0))
     trainer = Trainer(max_steps=1, logger=False, enable_checkpointing=False, callbacks=[CurriculumScheduler()])
@@ -230,12 +256,18 @@ def test_adapter_keeps_the_correct_sample_with_the_lowest_student_nll(student_co
     unsolved = teacher_group(ctx, problem, ["\\boxed{0}", "\\boxed{1}"])
     plan = RolloutPlan(0, 0, "teacher", [group.spec, unsolved.spec])
     nll = [mean_nll(ctx.student, ctx, problem.prompt, ids) for ids in group.token_ids[1:]]
-    expected = right[min(range(3), key=nll.__getitem__)]
+    total = [n * len(ids) for n, ids in zip(nll, group.token_ids[1:])]
     adapted = TeacherAdapter().on_adapt(ctx, plan, [group, unsolved])
     assert adapted is not None and len(adapted) == 1  # the problem without a correct sample is dropped
-    assert adapted[0].texts == [expected] and adapted[0].rewards == [1.0]
+    assert adapted[0].texts == [right[min(range(3), key=nll.__getitem__)]] and adapted[0].rewards == [1.0]
     assert plan.metrics["curriculum/adapter_dropped"] == 1.0
     assert plan.metrics["curriculum/adapter_student_nll"] == pytest.approx(min(nll), rel=1e-4)
+    # The choice follows the NLL whatever the order of the samples.
+    backwards = teacher_group(ctx, problem, [*reversed(right), "\\boxed{0}"])
+    again = TeacherAdapter().on_adapt(ctx, plan, [backwards])
+    assert again is not None and again[0].texts == adapted[0].texts
+    summed = TeacherAdapter(criterion="student_total_nll").on_adapt(ctx, plan, [group])
+    assert summed is not None and summed[0].texts == [right[min(range(3), key=total.__getitem__)]]
     shortest = TeacherAdapter(criterion="shortest").on_adapt(ctx, plan, [group])
     assert shortest is not None and shortest[0].texts == [min(right, key=len)]
     first = TeacherAdapter(criterion="first").on_adapt(ctx, plan, [group])
@@ -257,6 +289,37 @@ def test_rewrite_puts_correct_samples_in_the_column_template_and_merges_them(stu
         TeacherAdapter(criterion="longest")  # type: ignore[arg-type]
 
 
+def test_only_off_policy_batches_are_adapted_and_only_by_a_declared_hook(tiny_student: str, tiny_teacher: str) -> None:
+    class Record(Callback, RolloutHook):
+        def __init__(self, declare: bool) -> None:
+            self.declare, self.sources = declare, []
+
+        def rollout_controls(self) -> set[str]:
+            return {"responses"} if self.declare else set()
+
+        def on_adapt(self, ctx: RolloutContext, plan: RolloutPlan, groups: list[RolloutGroup]) -> list[RolloutGroup]:
+            self.sources.append(plan.data_source)
+            return groups[:1]
+
+    declared = Record(declare=True)
+    module = DistillModule(student=tiny_student, teacher=tiny_teacher, loss=LossConfig(forward_kl=1.0))
+    seen: list[int] = []
+
+    class Rows(Callback):
+        def on_train_batch_start(self, trainer: Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            seen.append(len(set(batch.problem_ids)) if batch.source == "teacher" else -1)
+
+    trainer = Trainer(max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, limit_val_batches=0, callbacks=[declared, Rows()])
+    trainer.fit(module, datamodule=make_data(lmbda=0.5, off_policy_source="teacher"))
+    assert -1 in seen and declared.sources == ["teacher"] * sum(n != -1 for n in seen)
+    assert all(n in (-1, 1) for n in seen)  # the hook's choice is what trained
+    undeclared = Trainer(max_steps=1, logger=False, enable_checkpointing=False, callbacks=[Record(declare=False)])
+    with pytest.raises(RuntimeError, match="changed the batch.s responses without declaring"):
+        undeclared.fit(DistillModule(student=tiny_student, teacher=tiny_teacher, loss=LossConfig(forward_kl=1.0)),
+                       datamodule=make_data(data_source="teacher"))
+
+
 # --------------------------------------------------------------------------------- real runs
 
 
@@ -270,7 +333,8 @@ class Seen(Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
         org = self.scheduler.organizer
         assert org is not None
-        allowed = (org.frontier() | org.review()) if org.frontier() else None
+        review = org.review() if self.scheduler.review_share > 0 else set()
+        allowed = (org.frontier() | review) if org.frontier() else None
         problems = [trainer.datamodule.context.problem(pid) for pid in batch.problem_ids]
         replayed = int(batch.metrics.get("replay/step_replayed", 0)) if batch.first_minibatch else 0
         self.rows.append(([cell_of(p) for p in problems], allowed, replayed))

@@ -18,7 +18,8 @@ with ``data.teacher_samples_per_prompt`` samples per problem), in the pipeline's
 The chosen sample is the off-policy target of the batch's loss (forward KL to the teacher's
 distribution on those tokens, or SFT). Student and reference batches pass through unchanged.
 
-Logs per rollout ``curriculum/adapter_candidates`` (correct samples per problem, mean),
+Logs per rollout ``curriculum/adapter_candidates`` (distinct candidates per problem, mean: the
+correct samples, or their distinct rewrites),
 ``curriculum/adapter_dropped`` (problems without a correct sample), ``curriculum/adapter_rewritten``
 (share of kept samples the rewrite changed) and ``curriculum/adapter_student_nll`` (mean per-token
 NLL of the kept samples, when the criterion measured it), this rank's figures (rank 0's are

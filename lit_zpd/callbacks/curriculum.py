@@ -13,7 +13,8 @@ Per rollout, in the pipeline's phases (:mod:`lit_zpd.rollout.plan`):
    mastery ratio ``P_S / P_T`` of every cell. The draw is restricted to the frontier's cells plus
    the review pool's, weighted so that review problems are ``review_share`` of the draw.
    Problems a replay buffer adds keep to the same restriction (:meth:`DrawRequest.allows`).
-2. plan: the state is logged under ``curriculum/``; a new probe also draws the heat map.
+2. plan: the state is logged under ``curriculum/``. After a probe, the first training step draws
+   the heat map (rank 0, TensorBoard).
 
 The Organizer (:class:`Organizer`): a skill opens only when every prerequisite is mastered
 (Bloom's mastery learning, ``min P_S / P_T >= mastery_ratio`` over the prerequisite's levels), and
@@ -46,8 +47,9 @@ probe (``curriculum/raised``, ``curriculum/mastered``, ``curriculum/remediated``
 ``curriculum/identified``); after each probe, the image ``curriculum/mastery_map`` (every cell's
 ``P_S / P_T`` over the probes, the frontier outlined).
 
-State: the Organizer, the teacher's probe accuracy, the step of the last probe and the history
-of probes, as plain data. Probes are gathered over the ranks, so every rank holds the same state.
+State: the Organizer, the teacher's probe accuracy (with the probe settings it was measured
+with: a run resumed with other ones probes the teacher again), the step of the last probe and
+the history of probes, as plain data. Probes are gathered over the ranks, so every rank holds the same state.
 """
 
 from __future__ import annotations
@@ -171,13 +173,14 @@ class Organizer:
         mastered skill that fell below mastery back (remediation). Returns what changed."""
         self.ratios.update(ratios)
         events: dict[str, list[str]] = {"raised": [], "mastered": [], "remediated": []}
+        taught = set(self.active())  # before this probe's changes: a skill unlocked now waits for the next
         for skill in self.deficient:
             if skill in self.mastered:
                 if not self.skill_mastered(skill):
                     self.mastered.discard(skill)
                     events["remediated"].append(skill)
                 continue
-            if skill not in self.active():
+            if skill not in taught:
                 continue
             if self.skill_mastered(skill):
                 self.mastered.add(skill)
@@ -261,7 +264,10 @@ class CurriculumScheduler(Callback, RolloutHook):
             raise ValueError(f"{name}.probe_split must be one of {', '.join(SPLITS)}, got {probe_split!r}")
         if reprobe_every_n_steps < 1:
             raise ValueError(f"{name}.reprobe_every_n_steps must be >= 1, got {reprobe_every_n_steps}")
-        Organizer(SkillGraph({}), {}, mastery_ratio, max_difficulty_step, active_share)  # checks the rest
+        try:
+            Organizer(SkillGraph({}), {}, mastery_ratio, max_difficulty_step, active_share)  # checks the rest
+        except ValueError as error:
+            raise ValueError(f"{name}.{error}") from None
         self.gap_threshold = gap_threshold
         self.alpha = alpha
         self.mastery_ratio = mastery_ratio
@@ -309,7 +315,7 @@ class CurriculumScheduler(Callback, RolloutHook):
         self._drawn_maps = len(self.history)
         tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
         if tensorboard is not None:
-            from lit_zpd.figures import mastery_map
+            from lit_zpd.figures import mastery_map  # matplotlib is loaded only by runs that draw
 
             tensorboard.experiment.add_figure(
                 "curriculum/mastery_map", mastery_map(self.history, self.cells(), self.mastery_ratio), trainer.global_step
@@ -325,6 +331,7 @@ class CurriculumScheduler(Callback, RolloutHook):
         return {
             "organizer": self.organizer.state_dict() if self.organizer else None,
             "teacher_accuracy": None if self.teacher_accuracy is None else [[s, lv, a] for (s, lv), a in sorted(self.teacher_accuracy.items())],
+            "probe": [self.probe_split, self.probe_size],
             "last_probe_step": self.last_probe_step,
             "history": self.history,
         }
@@ -333,6 +340,8 @@ class CurriculumScheduler(Callback, RolloutHook):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         rows = state_dict.get("teacher_accuracy")
         self.teacher_accuracy = None if rows is None else {(s, int(lv)): float(a) for s, lv, a in rows}
+        if state_dict.get("probe") != [self.probe_split, self.probe_size]:
+            self.teacher_accuracy = None  # another probe set: the teacher is probed again on it
         self.last_probe_step = state_dict.get("last_probe_step")
         self.history = list(state_dict.get("history", []))
         self._drawn_maps = len(self.history)
@@ -450,7 +459,13 @@ class CurriculumScheduler(Callback, RolloutHook):
         self._train_cells = Counter(cell_of(p) for p in train)
         unknown = sorted({s for s, _ in self._train_cells} - set(graph.skills))
         if unknown:
-            raise ValueError(f"{type(self).__name__}: training skill {unknown[0]!r} is not in the skill graph")
+            raise ValueError(f"{type(self).__name__}: training skill {unknown[0]!r} is not in data.source's skill graph")
+        untaught = sorted(set(graph.skills) - {s for s, _ in self._train_cells})
+        if untaught:
+            raise ValueError(
+                f"{type(self).__name__}: skill {untaught[0]!r} of data.source's skill graph has no training problem to "
+                "teach it with; drop it from the prerequisite map (data.source.skill_graph) or add training rows"
+            )
         levels: dict[str, set[int]] = {}
         for skill, level in self._train_cells:
             levels.setdefault(skill, set()).add(level)

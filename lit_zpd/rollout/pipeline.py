@@ -113,7 +113,10 @@ class RolloutPipeline:
                     plan.prompts.extend(extra)
                     groups += self._respond(plan, extra)
             if not groups:
-                raise RuntimeError(f"rollout {index} has no responses (teacher_correct_only dropped every prompt?)")
+                raise RuntimeError(
+                    f"rollout {index} has no responses: data.teacher_correct_only or the TeacherAdapter dropped every "
+                    "problem without a correct teacher sample (raise data.teacher_samples_per_prompt)"
+                )
             if plan.on_policy:
                 ctx.count_student_tokens(sum(len(ids) for g in groups for ids in g.token_ids))
             measured = self._measure(plan, groups)
@@ -214,7 +217,7 @@ class RolloutPipeline:
         for hook in self.hooks:
             adapted = hook.on_adapt(self.ctx, plan, groups)
             if adapted is not None:
-                _check_declared(hook, {"responses"}, "the responses")
+                _check_declared(hook, {"responses"}, "the batch's")
                 groups = adapted
         return groups
 

@@ -222,8 +222,8 @@ class ArithmeticCurriculum(ProblemSource):
     def rewrite_solution(self, problem: Problem, response: str) -> str | None:
         """The worked column solution of ``problem`` (one line per column, every carry and borrow
         written out, the inner operation of a multi-step expression first) when ``response``
-        reaches its answer; ``None`` otherwise. The rewrite keeps the teacher's answer and
-        replaces its working with the template the student was trained on."""
+        reaches its answer; ``None`` otherwise. Every correct response of a problem is rewritten
+        into the same text: its reference solution, the template the student was trained on."""
         if self.verifier.score(response, problem.answer) <= 0:
             return None
         expression = problem.problem_id.split("/", 1)[1].split(CONTEXT_COPY_MARK, 1)[0]

@@ -402,9 +402,10 @@ def _read_skill_graph(path: str) -> dict[str, list[str]]:
 
 def _check_skill_graph(graph: Any, where: str) -> dict[str, list[str]]:
     if not isinstance(graph, dict) or not all(
-        isinstance(prereqs, list) and all(isinstance(p, str) for p in prereqs) for prereqs in graph.values()
+        isinstance(skill, str) and isinstance(prereqs, list) and all(isinstance(p, str) for p in prereqs)
+        for skill, prereqs in graph.items()
     ):
-        raise ValueError(f"{where} must be a map {{skill: [prerequisite, ...]}}")
+        raise ValueError(f"{where} must be a map {{skill: [prerequisite, ...]}} of names (quote names YAML reads as other types: 'yes', 'on', 1)")
     cycle = find_cycle(graph)
     if cycle:
         raise ValueError(f"{where} has a cycle: {' -> '.join(cycle)}")
