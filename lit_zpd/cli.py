@@ -11,6 +11,8 @@ keys of their own: ``checkpoint`` (ModelCheckpoint), ``report`` (the start/end a
 
 from __future__ import annotations
 
+import sys
+
 from typing import Any
 
 from lightning.pytorch import Trainer
@@ -73,8 +75,14 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
 
 
 def console_main() -> None:
-    """The ``lit-zpd`` console script. Returns nothing, so the process exits 0 on success
-    (a returned object would become the exit status)."""
+    """The ``lit-zpd`` console script: LightningCLI's subcommands (``fit``, ``validate``, ...) and
+    ``diagnose`` (:mod:`lit_zpd.diagnostics.diagnose`). Returns nothing, so the process exits 0 on
+    success (a returned object would become the exit status)."""
+    if sys.argv[1:2] == ["diagnose"]:
+        from lit_zpd.diagnostics.diagnose import main as diagnose
+
+        diagnose(sys.argv[2:])
+        return
     main()
 
 

@@ -1,6 +1,9 @@
-"""Pictures for TensorBoard: what a person reads at a glance instead of a wall of scalars.
+"""Pictures for TensorBoard and reports: what a person reads at a glance instead of a wall of
+scalars.
 
-:func:`mastery_map` draws IOA's curriculum (:class:`~lit_zpd.callbacks.curriculum.CurriculumScheduler`)
+:func:`alignment_by_depth` and :func:`token_alignment` draw the gradient alignment diagnostic
+(:mod:`lit_zpd.diagnostics.alignment`): by node depth for correct and incorrect rollouts, and one
+rollout's tokens coloured by their node's alignment. :func:`mastery_map` draws IOA's curriculum (:class:`~lit_zpd.callbacks.curriculum.CurriculumScheduler`)
 as a heat map: one row per (skill, level) cell in curriculum order, one column per probe, the
 colour the mastery ratio ``P_S / P_T``, the frontier (cells being taught) outlined in black and
 the mastery bar marked on the colour scale. matplotlib draws off-screen (the Agg backend).
@@ -46,5 +49,49 @@ def mastery_map(history: Sequence[dict[str, Any]], cells: Sequence[tuple[str, in
     ax.set_title("mastery P_S / P_T per skill and level", fontsize=10)
     bar = fig.colorbar(image, ax=ax, fraction=0.05)
     bar.ax.axhline(mastery_ratio, color="black", lw=1.5)
+    fig.tight_layout()
+    return fig
+
+
+def alignment_by_depth(by_depth: dict[str, dict[str, dict[int, float]]]) -> Figure:
+    """Mean gradient alignment against node depth, one colour per signal, solid for correct and
+    dashed for incorrect rollouts (``AlignmentReport.by_depth``)."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=100)
+    for i, (name, splits) in enumerate(by_depth.items()):
+        colour = f"C{i}"
+        for split, style in (("correct", "-"), ("incorrect", "--")):
+            depths = sorted(splits.get(split, {}))
+            if depths:
+                ax.plot([d + 1 for d in depths], [splits[split][d] for d in depths], style, marker="o", ms=3,
+                        color=colour, label=f"{name}, {split}")
+    ax.set_xscale("log", base=2)
+    ax.axhline(0.0, color="grey", lw=0.8)
+    ax.set_xlabel("node depth + 1, buckets 0, 1, 2-3, 4-7, ... (response tokens before the node)")
+    ax.set_ylabel("cosine(ideal, distillation)")
+    ax.set_title("gradient alignment by depth", fontsize=10)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def token_alignment(tokens: Sequence[str], scores: Sequence[float], title: str) -> Figure:
+    """One rollout's tokens in order, each on a background coloured by its node's alignment
+    (red -1, white 0, green +1; grey where it was not measured)."""
+    per_row = 24
+    rows = max(1, -(-len(tokens) // per_row))
+    fig, ax = plt.subplots(figsize=(0.36 * per_row + 1.0, 0.5 * rows + 0.9), dpi=100)
+    cmap = plt.get_cmap("RdYlGn")
+    for i, (token, score) in enumerate(zip(tokens, scores)):
+        x, y = i % per_row, rows - 1 - i // per_row
+        colour = "lightgrey" if score != score else cmap((score + 1) / 2)  # NaN: not measured
+        ax.add_patch(Rectangle((x, y), 0.95, 0.9, color=colour))
+        label = {"\n": "\\n", " ": "␣"}.get(token, token)
+        ax.text(x + 0.47, y + 0.45, label, ha="center", va="center", fontsize=8, family="monospace")
+    ax.set_xlim(0, per_row)
+    ax.set_ylim(0, rows)
+    ax.axis("off")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(plt.cm.ScalarMappable(cmap=cmap, norm=matplotlib.colors.Normalize(-1, 1)), ax=ax, fraction=0.03)
     fig.tight_layout()
     return fig

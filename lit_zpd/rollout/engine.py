@@ -16,11 +16,15 @@ class SamplingConfig:
         temperature: Softmax temperature; 0 means greedy.
         top_p: Nucleus sampling mass; 1 keeps the whole distribution.
         max_new_tokens: Completion length cap; a completion also ends at the end-of-sequence token.
+        logprobs: Return the sampled tokens' log-probabilities (training rollouts need them). Without
+            them (``False``: a diagnostic's continuations) ``Completion.logprobs`` is empty and the
+            HF engine keeps no per-step logits.
     """
 
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 64
+    logprobs: bool = True
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -42,7 +46,8 @@ class Completion:
     Args:
         token_ids: Completion tokens, ending with the end-of-sequence token when one was produced.
         logprobs: Per-token ``log_softmax(logits / temperature)`` of the sampled tokens under the
-            weights that sampled them (before top-p truncation; temperature 1 when greedy).
+            weights that sampled them (before top-p truncation; temperature 1 when greedy); empty
+            when the sampling asked for none.
     """
 
     token_ids: list[int]

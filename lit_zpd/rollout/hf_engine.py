@@ -78,13 +78,16 @@ class HFEngine(RolloutEngine):
             pad_token_id=self.pad_token_id,
             eos_token_id=self.eos_token_id,
             suppress_tokens=list(range(self.vocab_size, self.model.get_output_embeddings().out_features)) or None,
-            output_logits=True,
+            output_logits=sampling.logprobs,
             return_dict_in_generate=True,
         )
         result = self.model.generate(
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
         )
         tokens = result.sequences[:, width:]  # (B * n, L)
+        if not sampling.logprobs:
+            completions = [self._trim(tokens[r].tolist(), []) for r in range(tokens.shape[0])]
+            return [completions[i * n : (i + 1) * n] for i in range(len(prompts))]
         temperature = sampling.temperature if not sampling.greedy else 1.0
         logits = torch.stack(result.logits, dim=1)[..., : self.vocab_size].float() / temperature  # (B * n, L, V)
         logprobs = F.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)

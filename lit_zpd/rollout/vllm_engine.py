@@ -156,7 +156,7 @@ class VLLMEngine(RolloutEngine):
             temperature=0.0 if sampling.greedy else sampling.temperature,
             top_p=1.0 if sampling.greedy else sampling.top_p,
             max_tokens=sampling.max_new_tokens,
-            logprobs=0,  # the sampled token's log-probability only
+            logprobs=0 if sampling.logprobs else None,  # the sampled token's log-probability only
             stop_token_ids=[self.eos_token_id],
             logit_bias=self._padded_ids_bias,
             seed=None if sampling.greedy else seed,
@@ -237,7 +237,8 @@ def _refresh_tied_heads(worker: Any) -> None:
 
 def _completion(output: Any) -> Completion:
     token_ids = list(output.token_ids)
-    return Completion(token_ids=token_ids, logprobs=[step[t].logprob for step, t in zip(output.logprobs, token_ids)])
+    steps = output.logprobs or []
+    return Completion(token_ids=token_ids, logprobs=[step[t].logprob for step, t in zip(steps, token_ids)])
 
 
 def _import_vllm() -> Any:
