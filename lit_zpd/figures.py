@@ -56,7 +56,7 @@ def mastery_map(history: Sequence[dict[str, Any]], cells: Sequence[tuple[str, in
 def alignment_by_depth(by_depth: dict[str, dict[str, dict[int, float]]]) -> Figure:
     """Mean gradient alignment against node depth, one colour per signal, solid for correct and
     dashed for incorrect rollouts (``AlignmentReport.by_depth``)."""
-    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=100)
+    fig, ax = plt.subplots(figsize=(8.4, 3.8), dpi=100)
     for i, (name, splits) in enumerate(by_depth.items()):
         colour = f"C{i}"
         for split, style in (("correct", "-"), ("incorrect", "--")):
@@ -70,7 +70,7 @@ def alignment_by_depth(by_depth: dict[str, dict[str, dict[int, float]]]) -> Figu
     ax.set_ylabel("cosine(ideal, distillation)")
     ax.set_title("gradient alignment by depth", fontsize=10)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return fig
 

@@ -19,8 +19,8 @@ from lit_zpd.rollout.plan import RolloutHook
 
 class RankRecorder(Callback):
     """Writes ``<out_dir>/rank<k>.json``: the batches this rank trained on (step, rollout,
-    minibatch, problem ids, kinds, replayed rows' ids), and at the end of ``fit`` the rollout
-    hooks' states, the data module's rollout state and a digest of the student's weights.
+    minibatch, problem ids, kinds, replayed rows' ids), and at the end of ``fit`` the states of
+    the rollout hooks and the library's other callbacks, the data module's rollout state and a digest of the student's weights.
 
     Args:
         out_dir: Where the files go.
@@ -43,7 +43,10 @@ class RankRecorder(Callback):
             "rank": trainer.global_rank,
             "world_size": trainer.world_size,
             "batches": self.batches,
-            "hooks": {type(cb).__name__: cb.state_dict() for cb in trainer.callbacks if isinstance(cb, RolloutHook)},
+            "hooks": {
+                type(cb).__name__: cb.state_dict() for cb in trainer.callbacks
+                if isinstance(cb, RolloutHook) or type(cb).__module__.startswith("lit_zpd.callbacks.")
+            },
             "pass_rates": data.pass_rates.state_dict(),
             "student_tokens": data.counters.student_tokens,
             "global_step": trainer.global_step,

@@ -173,7 +173,7 @@ def test_diagnose_writes_the_report_and_the_plots(tmp_path: Path, capsys: pytest
     from lit_zpd.diagnostics.diagnose import main
 
     root = Path(__file__).resolve().parents[1]
-    main([f"--config={root / 'configs' / 'diagnose.yaml'}", "--num_problems=3", "--settings.budget=600",
+    main([f"--config={root / 'configs' / 'diagnose' / 'embedded.yaml'}", "--num_problems=3", "--settings.budget=600",
           "--settings.bootstrap=20", f"--out_dir={tmp_path}"])
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["samples"] <= 600 and set(report["summary"]) == {"teacher", "self_reveal_0.5", "self_reveal_1", "teacher_forward_kl"}
@@ -181,6 +181,20 @@ def test_diagnose_writes_the_report_and_the_plots(tmp_path: Path, capsys: pytest
     for name in ("nodes.csv", "alignment_by_depth.png", "tokens_teacher.png", "tokens_self_reveal_1.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert "gradient alignment (logit space)" in capsys.readouterr().out
+
+
+def test_every_diagnose_config_parses(tmp_path: Path) -> None:
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from lit_zpd.diagnostics.diagnose import diagnose
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "diagnose"
+    parser = ArgumentParser()
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_function_arguments(diagnose)
+    for extra in ([], [f"--config={root / 'weak_teacher.yaml'}"]):
+        config = parser.parse_args([f"--config={root / 'embedded.yaml'}", *extra])
+        assert len(config.signals) == 4 + bool(extra)
 
 
 def test_the_probe_callback_logs_during_a_fit_and_resumes_its_history(tiny_student: str, tiny_teacher: str, tmp_path: Path) -> None:
@@ -211,3 +225,15 @@ def test_the_probe_callback_logs_during_a_fit_and_resumes_its_history(tiny_stude
     run(tmp_path / "first", stop=2)
     resumed = run(tmp_path / "resumed", ckpt=str(tmp_path / "first" / "step=2.ckpt"))
     assert json.dumps(resumed.history) == json.dumps(full.history)
+
+
+def test_the_console_script_dispatches_diagnose(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+
+    from lit_zpd.cli import console_main
+
+    monkeypatch.setattr(sys, "argv", ["lit-zpd", "diagnose", "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        console_main()
+    assert exit_.value.code == 0
+    assert "--num_problems" in capsys.readouterr().out

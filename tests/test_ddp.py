@@ -96,6 +96,20 @@ def test_ioa_curriculum_agrees_across_processes(tmp_path: Path) -> None:
     assert len(state["history"]) == 2 and state["history"][0]["deficient"]
 
 
+def test_alignment_probe_history_agrees_across_processes(tmp_path: Path) -> None:
+    """Rank 0 measures and broadcasts: both ranks keep the same history."""
+    ranks = fit(
+        "kd", tmp_path, "--report=null", "--trainer.max_steps=2",
+        callback_args=(
+            "--trainer.callbacks+=lit_zpd.callbacks.alignment.GradientAlignmentProbe",
+            "--trainer.callbacks.every_n_steps=2", "--trainer.callbacks.num_problems=2",
+        ),
+    )
+    assert_ranks_agree(ranks)
+    history = ranks[0]["hooks"]["GradientAlignmentProbe"]["history"]
+    assert [h["step"] for h in history] == [0, 2] and "diagnostics/alignment/teacher/all" in history[0]
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (nccl); the CPU runs above cover the logic")
 def test_zppo_on_two_gpus(tmp_path: Path) -> None:
     ranks = fit("zppo", tmp_path, "--report=null", "--trainer.max_steps=8", accelerator="gpu")

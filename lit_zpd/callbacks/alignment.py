@@ -11,12 +11,13 @@ they do not count in ``rollout/student_tokens_total``.
 
 A signal's ``teacher`` is ``model.teacher`` (the run's teacher), ``self_live`` (the student
 itself, with ``reveal_ratio`` a privileged self-teacher) or a model directory. Only rank 0
-measures (the diagnostic calls no collective); the summaries it logs are kept in ``state_dict``
-as plain data.
+measures (the diagnostic calls no collective) and broadcasts its scalars, so every rank keeps the
+same history of summaries in ``state_dict``, as plain data.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -106,22 +107,26 @@ class GradientAlignmentProbe(Callback):
         self.history = list(state_dict.get("history", []))
 
     def _measure(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        if not trainer.is_global_zero:
-            return
-        ctx = trainer.datamodule.context
-        problems = spread_over_skills(ctx.source.problems(self.split), self.num_problems)
-        signals = [(s, self._teacher(s.teacher, pl_module)) for s in self.signals]
-        report = measure_alignment(ctx, problems, signals, self.settings)
-        metrics = {}
-        for name, splits in report.summary().items():
-            for split, row in splits.items():
-                metrics[f"diagnostics/alignment/{name}/{split}"] = row["alignment"]
-                metrics[f"diagnostics/teacher_advantage/{name}/{split}"] = row["teacher_advantage"]
+        """Rank 0 measures; every rank receives its scalars (one broadcast), so the history is the
+        same everywhere."""
+        report = None
+        metrics: dict[str, float] | None = None
+        if trainer.is_global_zero:
+            ctx = trainer.datamodule.context
+            problems = spread_over_skills(ctx.source.problems(self.split), self.num_problems)
+            report = measure_alignment(ctx, problems, [(s, self._teacher(s.teacher, pl_module)) for s in self.signals], self.settings)
+            metrics = {}
+            for name, splits in report.summary().items():
+                for split, row in splits.items():  # a split without a measured node is left out
+                    if not math.isnan(row["alignment"]):
+                        metrics[f"diagnostics/alignment/{name}/{split}"] = row["alignment"]
+                        metrics[f"diagnostics/teacher_advantage/{name}/{split}"] = row["teacher_advantage"]
+        metrics = trainer.strategy.broadcast(metrics, src=0)
         self.history.append({"step": trainer.global_step, **metrics})
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-        if tensorboard is not None:
+        if tensorboard is not None and report is not None:
             from lit_zpd.figures import alignment_by_depth  # matplotlib is loaded only by runs that draw
 
             tensorboard.experiment.add_figure("diagnostics/alignment_by_depth", alignment_by_depth(report.by_depth()), trainer.global_step)

@@ -1,6 +1,6 @@
 """``lit-zpd diagnose``: the gradient alignment diagnostic from a YAML file, before a training run.
 
-    lit-zpd diagnose --config configs/diagnose.yaml
+    lit-zpd diagnose --config configs/diagnose/embedded.yaml
 
 It samples the student's rollouts of ``num_problems`` problems of a split, scores every signal
 (:mod:`lit_zpd.diagnostics.alignment`) and writes to ``out_dir``: ``report.json`` (settings,
