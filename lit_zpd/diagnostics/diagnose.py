@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
@@ -25,6 +25,7 @@ from lit_zpd.diagnostics.alignment import AlignmentReport, AlignmentSettings, Si
 from lit_zpd.loss_config import LossConfig
 from lit_zpd.rollout.context import RolloutContext
 from lit_zpd.rollout.hf_engine import HFEngine
+from lit_zpd.rollout.vllm_engine import VLLMEngine, VLLMSettings
 from lit_zpd.tasks.arithmetic import ArithmeticCurriculum
 from lit_zpd.tasks.problem import Problem, ProblemSource, Split
 from lit_zpd.teacher import load_teacher
@@ -52,6 +53,8 @@ def diagnose(
     settings: AlignmentSettings | None = None,
     out_dir: str = "logs/diagnose",
     seed: int = 0,
+    engine: Literal["hf", "vllm"] = "hf",
+    vllm: VLLMSettings | None = None,
 ) -> AlignmentReport:
     """Run the diagnostic and write its report and plots.
 
@@ -66,7 +69,13 @@ def diagnose(
         settings: Sampling, candidates, budget and the cosine's space.
         out_dir: Where the report and the plots go.
         seed: Seeds the rollouts, the continuations and the bootstrap.
+        engine: Samples the student's rollouts and continuations: ``hf`` (``generate``) or
+            ``vllm`` (prefix caching shares the prompt and prefix of a node's continuations;
+            ``settings.sampling.top_p`` must be 1).
+        vllm: Options of the ``vllm`` engine.
     """
+    if engine not in ("hf", "vllm"):
+        raise ValueError(f"engine must be hf or vllm, got {engine!r}")
     signals = signals or [SignalConfig("teacher")]
     names = [s.name for s in signals]
     if len(set(names)) != len(names):
@@ -86,7 +95,10 @@ def diagnose(
             teachers[signal.teacher] = load_teacher(resolve(signal.teacher), model, tokenizer)
     ctx = RolloutContext(
         student=model, teacher=None, tokenizer=tokenizer, source=source, seed=seed, loss=LossConfig(sft=1.0),
-        engine_factory=lambda m: HFEngine(m, tokenizer.pad_token_id, tokenizer.eos_token_id, len(tokenizer)),
+        engine_factory=lambda m: (
+            VLLMEngine(path, tokenizer.eos_token_id, len(tokenizer), vllm) if engine == "vllm" and m is model
+            else HFEngine(m, tokenizer.pad_token_id, tokenizer.eos_token_id, len(tokenizer))
+        ),
     )
     problems = spread_over_skills(source.problems(split), num_problems)
     report = measure_alignment(ctx, problems, [(s, teachers[s.teacher]) for s in signals], settings)
