@@ -11,6 +11,7 @@ the mastery bar marked on the colour scale. matplotlib draws off-screen (the Agg
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -84,7 +85,7 @@ def token_alignment(tokens: Sequence[str], scores: Sequence[float], title: str) 
     cmap = plt.get_cmap("RdYlGn")
     for i, (token, score) in enumerate(zip(tokens, scores)):
         x, y = i % per_row, rows - 1 - i // per_row
-        colour = "lightgrey" if score != score else cmap((score + 1) / 2)  # NaN: not measured
+        colour = "lightgrey" if math.isnan(score) else cmap((score + 1) / 2)  # not measured
         ax.add_patch(Rectangle((x, y), 0.95, 0.9, color=colour))
         label = {"\n": "\\n", " ": "␣"}.get(token, token)
         ax.text(x + 0.47, y + 0.45, label, ha="center", va="center", fontsize=8, family="monospace")

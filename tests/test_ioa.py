@@ -340,11 +340,12 @@ class Seen(Callback):
         self.rows.append(([cell_of(p) for p in problems], allowed, replayed))
 
 
-EMBEDDED = dict(  # the embedded models have real deficiencies: sub, mul_1digit and multi_step
-    source=ArithmeticCurriculum(problems_per_level=60, max_eval_per_skill=None),
-    sampling=SamplingConfig(temperature=1.0, max_new_tokens=48), eval_sampling=SamplingConfig(max_new_tokens=48),
-    prompts_per_step=4,
-)
+EMBEDDED: dict[str, Any] = {  # the embedded models have real deficiencies: sub, mul_1digit and multi_step
+    "source": ArithmeticCurriculum(problems_per_level=60, max_eval_per_skill=None),
+    "sampling": SamplingConfig(temperature=1.0, max_new_tokens=48),
+    "eval_sampling": SamplingConfig(max_new_tokens=48),
+    "prompts_per_step": 4,
+}
 
 
 def curriculum_run(tmp_path: Path, steps: int, stop_at: int | None = None, ckpt: str | None = None, logger: bool = False) -> tuple[CurriculumScheduler, DistillModule, Seen]:

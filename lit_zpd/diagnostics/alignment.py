@@ -203,8 +203,8 @@ class AlignmentReport:
             out[name] = {}
             for split in ("correct", "incorrect", "all"):
                 nodes = [n for n in self.nodes if split == "all" or n.correct == (split == "correct")]
-                cos = _per_question(nodes, lambda n: n.cos[name])
-                adv = _per_question(nodes, lambda n: n.advantage[name])
+                cos = _per_question([n.cos[name] for n in nodes], nodes)
+                adv = _per_question([n.advantage[name] for n in nodes], nodes)
                 low, high = _bootstrap(list(cos.values()), self.bootstrap, self.seed)
                 out[name][split] = {
                     "alignment": statistics.fmean(cos.values()) if cos else math.nan,
@@ -248,10 +248,10 @@ class AlignmentReport:
         return {"json": root / "report.json", "csv": root / "nodes.csv"}
 
 
-def _per_question(nodes: Sequence[NodeRecord], value: Any) -> dict[str, float]:
+def _per_question(values: Sequence[float], nodes: Sequence[NodeRecord]) -> dict[str, float]:
+    """The mean of each question's defined ``values`` (one per node)."""
     rows: dict[str, list[float]] = {}
-    for n in nodes:
-        v = value(n)
+    for n, v in zip(nodes, values):
         if not math.isnan(v):
             rows.setdefault(n.problem_id, []).append(v)
     return {pid: statistics.fmean(v) for pid, v in rows.items()}
@@ -263,7 +263,7 @@ def _bootstrap(values: list[float], resamples: int, seed: int) -> tuple[float, f
         return (math.nan, math.nan)
     rng = random.Random(f"{seed}:bootstrap")
     means = sorted(statistics.fmean(rng.choices(values, k=len(values))) for _ in range(resamples))
-    return means[int(0.025 * (resamples - 1))], means[int(math.ceil(0.975 * (resamples - 1)))]
+    return means[int(0.025 * (resamples - 1))], means[math.ceil(0.975 * (resamples - 1))]
 
 
 # --------------------------------------------------------------------------------- the estimator

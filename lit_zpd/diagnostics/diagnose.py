@@ -16,16 +16,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lit_zpd.assets import resolve
 from lit_zpd.diagnostics.alignment import AlignmentReport, AlignmentSettings, SignalConfig, measure_alignment
-from lit_zpd.loss_config import LossConfig
+from lit_zpd.diagnostics.exposure import load_context
 from lit_zpd.rollout.context import RolloutContext
-from lit_zpd.rollout.hf_engine import HFEngine
-from lit_zpd.rollout.vllm_engine import VLLMEngine, VLLMSettings
+from lit_zpd.rollout.vllm_engine import VLLMSettings
 from lit_zpd.tasks.arithmetic import ArithmeticCurriculum
 from lit_zpd.tasks.problem import Problem, ProblemSource, Split
 from lit_zpd.teacher import load_teacher
@@ -84,22 +81,11 @@ def diagnose(
         raise ValueError(f"num_problems must be >= 1, got {num_problems}")
     settings = settings or AlignmentSettings()
     source = source or ArithmeticCurriculum()
-    path = resolve(student)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ctx = load_context(student, source, settings.sampling.max_new_tokens, seed, engine, vllm)
     teachers: dict[str, Any] = {}
     for signal in signals:
         if signal.teacher not in teachers:
-            teachers[signal.teacher] = load_teacher(resolve(signal.teacher), model, tokenizer)
-    ctx = RolloutContext(
-        student=model, teacher=None, tokenizer=tokenizer, source=source, seed=seed, loss=LossConfig(sft=1.0),
-        engine_factory=lambda m: (
-            VLLMEngine(path, tokenizer.eos_token_id, len(tokenizer), vllm) if engine == "vllm" and m is model
-            else HFEngine(m, tokenizer.pad_token_id, tokenizer.eos_token_id, len(tokenizer))
-        ),
-    )
+            teachers[signal.teacher] = load_teacher(resolve(signal.teacher), ctx.student, ctx.tokenizer)
     problems = spread_over_skills(source.problems(split), num_problems)
     report = measure_alignment(ctx, problems, [(s, teachers[s.teacher]) for s in signals], settings)
     write_report(report, ctx, out_dir)
@@ -133,8 +119,10 @@ def write_report(report: AlignmentReport, ctx: RolloutContext, out_dir: str | Pa
 def summary_table(report: AlignmentReport) -> str:
     """One line per signal and split: mean alignment [95% interval], teacher advantage, counts."""
     lines = [
-        f"gradient alignment ({report.space} space), {report.samples} student samples of {report.budget}, "
-        f"{report.nodes_skipped} nodes skipped for the budget",
+        (
+            f"gradient alignment ({report.space} space), {report.samples} student samples of {report.budget}, "
+            f"{report.nodes_skipped} nodes skipped for the budget"
+        ),
         f"{'signal':<22} {'rollouts':<10} {'alignment':>9} {'95% interval':>17} {'A_T':>8} {'nodes':>6} {'questions':>9}",
     ]
     for name, splits in report.summary().items():

@@ -15,7 +15,7 @@ Two measurements over a reveal-ratio grid, for any model and problem set, throug
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -25,24 +25,34 @@ from lit_zpd.loss_config import LossConfig
 from lit_zpd.losses import generalized_jsd
 from lit_zpd.report import summarize
 from lit_zpd.rollout.context import RolloutContext
-from lit_zpd.rollout.engine import SamplingConfig
+from lit_zpd.rollout.engine import RolloutEngine, SamplingConfig
 from lit_zpd.rollout.hf_engine import HFEngine
+from lit_zpd.rollout.vllm_engine import VLLMEngine, VLLMSettings
 from lit_zpd.tasks.privileged import PrivilegedContext
 from lit_zpd.tasks.problem import Problem, ProblemSource
 
 
-def load_context(model: str, source: ProblemSource, max_new_tokens: int = 48, seed: int = 0) -> RolloutContext:
+def load_context(
+    model: str, source: ProblemSource, max_new_tokens: int = 48, seed: int = 0,
+    engine: Literal["hf", "vllm"] = "hf", vllm: VLLMSettings | None = None,
+) -> RolloutContext:
     """A context over one Hugging Face model directory (or ``embedded:student``), which is both
-    student and teacher (a self-teacher), sampled with ``generate``: for measurements outside a run."""
+    student and teacher (a self-teacher), sampled with ``generate`` (or, with ``engine: vllm``, the
+    student with vLLM): for measurements outside a run."""
     path = resolve(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     weights = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+    def make_engine(m: Any) -> RolloutEngine:
+        if engine == "vllm" and m is weights:
+            return VLLMEngine(path, tokenizer.eos_token_id, len(tokenizer), vllm)
+        return HFEngine(m, tokenizer.pad_token_id, tokenizer.eos_token_id, len(tokenizer))
+
     return RolloutContext(
         student=weights, teacher=weights, tokenizer=tokenizer, source=source, seed=seed, loss=LossConfig(sft=1.0),
-        engine_factory=lambda m: HFEngine(m, tokenizer.pad_token_id, tokenizer.eos_token_id, len(tokenizer)),
-        eval_sampling=SamplingConfig(max_new_tokens=max_new_tokens),
+        engine_factory=make_engine, eval_sampling=SamplingConfig(max_new_tokens=max_new_tokens),
     )
 
 
