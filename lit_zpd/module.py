@@ -28,7 +28,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from typing_extensions import override
 
 from lit_zpd.assets import resolve
@@ -40,6 +40,7 @@ from lit_zpd.losses import (
     clipped_policy_loss,
     sampled_token_kl_advantage,
 )
+from lit_zpd.model_files import load_causal_lm, load_tokenizer
 from lit_zpd.rollout.batch import EvalBatch, RolloutBatch
 from lit_zpd.teacher import SELF_TEACHERS, AdaptersDisabled, evaluating, load_teacher
 
@@ -110,9 +111,7 @@ class DistillModule(LightningModule):
         self.loss_config = loss
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
-        self.tokenizer = AutoTokenizer.from_pretrained(resolve(tokenizer or student))
-        if self.tokenizer.pad_token is None:  # many causal LM tokenizers ship none; padding is masked anyway
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer = load_tokenizer(resolve(tokenizer or student))  # pad token = EOS when it has none
         self.student = _load_student(resolve(student), init_from_config, init_seed)
         if lora is not None:
             self.student = peft.get_peft_model(
@@ -287,7 +286,7 @@ def _load_student(path: str, init_from_config: bool, seed: int) -> PreTrainedMod
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).train()
+    return load_causal_lm(path).train()
 
 
 def _final_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:

@@ -27,7 +27,9 @@ from typing import Any
 import peft
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedModel
+
+from lit_zpd.model_files import load_causal_lm, load_tokenizer
 
 SELF_TEACHERS = ("self_live", "self_initial")
 
@@ -130,7 +132,7 @@ def load_teacher(spec: str, student: nn.Module, student_tokenizer: Any) -> Any:
 
 def _load_directory(path: str, student_tokenizer: Any) -> PreTrainedModel:
     try:
-        teacher_tokenizer = AutoTokenizer.from_pretrained(path)
+        teacher_tokenizer = load_tokenizer(path)
     except (OSError, ValueError) as err:
         raise ValueError(f"model.teacher: no tokenizer found in {path}; the teacher must ship its tokenizer") from err
     if teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab():
@@ -138,6 +140,6 @@ def _load_directory(path: str, student_tokenizer: Any) -> PreTrainedModel:
             f"model.teacher: the tokenizer in {path} differs from the student's "
             f"({len(teacher_tokenizer)} vs {len(student_tokenizer)} tokens); token-level distillation needs one tokenizer"
         )
-    teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    teacher = load_causal_lm(path)
     teacher.requires_grad_(False)
     return teacher.eval()

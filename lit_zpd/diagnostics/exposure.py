@@ -18,11 +18,11 @@ from dataclasses import replace
 from typing import Any, Literal
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lit_zpd.assets import resolve
 from lit_zpd.loss_config import LossConfig
 from lit_zpd.losses import generalized_jsd
+from lit_zpd.model_files import load_causal_lm, load_tokenizer
 from lit_zpd.report import summarize
 from lit_zpd.rollout.context import RolloutContext
 from lit_zpd.rollout.engine import RolloutEngine, SamplingConfig
@@ -40,10 +40,8 @@ def load_context(
     student and teacher (a self-teacher), sampled with ``generate`` (or, with ``engine: vllm``, the
     student with vLLM): for measurements outside a run."""
     path = resolve(model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    weights = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(path)
+    weights = load_causal_lm(path).eval()
 
     def make_engine(m: Any) -> RolloutEngine:
         if engine == "vllm" and m is weights:

@@ -108,6 +108,11 @@ class VLLMEngine(RolloutEngine):
     """
 
     def __init__(self, model_dir: str, eos_token_id: int, vocab_size: int, settings: VLLMSettings | None = None) -> None:
+        if model_dir.endswith(".gguf"):
+            raise ValueError(
+                f"data.engine: vllm needs a model directory, not the GGUF file {model_dir}: write one with "
+                "`lit-zpd convert FILE.gguf DIR` and point model.student at DIR"
+            )
         vllm = _import_vllm()
         from vllm.platforms import current_platform
 

