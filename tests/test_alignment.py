@@ -24,6 +24,7 @@ from lit_zpd.diagnostics.alignment import (
     ideal_gradient,
     measure_alignment,
     node_depths,
+    teacher_advantage,
 )
 from lit_zpd.loss_config import LossConfig
 from lit_zpd.rollout.context import RolloutContext
@@ -90,6 +91,13 @@ def test_cosine_and_the_directions_are_those_of_the_divergences() -> None:
     v = torch.tensor([0.3, -1.0, 2.0])
     assert cosine(v, v) == pytest.approx(1.0) and cosine(v, -v) == pytest.approx(-1.0)
     assert math.isnan(cosine(v, torch.zeros(3)))
+    # The teacher advantage: nothing to gain where every token succeeds alike, even when the
+    # teacher's mass lies outside the candidates; a teacher on the successful token gains.
+    p_s, p_t = torch.tensor([0.5, 0.3]), torch.tensor([0.1, 0.1])
+    assert teacher_advantage(p_t, p_s, torch.tensor([0.6, 0.6]), 0.6) == pytest.approx(0.0)
+    success = torch.tensor([1.0, 0.0])
+    _, value = ideal_gradient(p_s, success)
+    assert teacher_advantage(torch.tensor([0.8, 0.0]), p_s, success, value) > 0
     z = torch.randn(6, requires_grad=True)
     log_t = torch.log_softmax(torch.randn(6), -1)
     log_s = torch.log_softmax(z, -1)
@@ -132,6 +140,8 @@ def test_the_budget_is_respected_and_nodes_that_do_not_fit_are_counted(tiny: tup
     small = measure_alignment(ctx, problems, signal, settings(budget=40))
     large = measure_alignment(ctx, problems, signal, settings(budget=10_000))
     assert small.samples <= 40 and small.nodes_skipped > 0
+    with pytest.raises(ValueError, match="settings.budget"):
+        measure_alignment(ctx, problems, signal, settings(budget=7))  # below the 8 rollouts
     assert large.nodes_skipped == 0 and len(large.nodes) == len(small.nodes) + small.nodes_skipped
     assert large.samples <= 10_000
 
@@ -198,7 +208,8 @@ def test_every_diagnose_config_parses(tmp_path: Path) -> None:
 
 
 def test_the_probe_callback_logs_during_a_fit_and_resumes_its_history(tmp_path: Path) -> None:
-    """The embedded models (a random tiny student never succeeds, so its ideal gradient is 0)."""
+    """On the embedded models: a random tiny student never succeeds, every P_succ is 0, and every
+    alignment would be undefined."""
     from lightning.pytorch import Trainer
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger

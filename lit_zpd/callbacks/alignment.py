@@ -23,6 +23,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
 from typing_extensions import override
 
 from lit_zpd.assets import resolve
@@ -95,7 +96,9 @@ class GradientAlignmentProbe(Callback):
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if trainer.global_step % self.every_n_steps == 0:
+        # Once per optimizer step: with gradient accumulation several batches end at one step.
+        measured = self.history and self.history[-1]["step"] == trainer.global_step
+        if trainer.global_step % self.every_n_steps == 0 and not measured:
             self._measure(trainer, pl_module)
 
     @override
@@ -135,5 +138,6 @@ class GradientAlignmentProbe(Callback):
         if spec == RUN_TEACHER:
             return pl_module.teacher
         if spec not in self._teachers:
-            self._teachers[spec] = load_teacher(resolve(spec), pl_module.student, pl_module.tokenizer)
+            teacher = load_teacher(resolve(spec), pl_module.student, pl_module.tokenizer)
+            self._teachers[spec] = teacher.to(pl_module.device) if isinstance(teacher, nn.Module) else teacher
         return self._teachers[spec]

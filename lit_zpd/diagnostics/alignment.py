@@ -15,7 +15,10 @@ A distillation signal moves the same logits along its own descent direction ``d`
 The **gradient alignment score** of the node is ``cosine(g*, d)``; averaged per question (over
 its nodes and rollouts), per configuration, and split by whether the rollout was correct (the
 source's verifier). The **teacher advantage** ``A_T(u) = sum_k (p_T(k) - p_S(k)) P_succ(k)`` is
-how much more often the teacher's next-token choice would lead the student to success.
+how much more often the teacher's next-token choice would lead the student to success; over the
+candidates it is taken as ``sum_k (p_T(k) - p_S(k)) (P_succ(k) - V(u))``, which equals the sum over
+the whole vocabulary when the tokens outside the candidates succeed at ``V(u)`` (the assumption
+``V``'s renormalisation makes).
 
 The estimator (:func:`measure_alignment`), and where it is cheaper and noisier than the paper's,
 which spends 45k-200k rollouts per question:
@@ -29,8 +32,9 @@ which spends 45k-200k rollouts per question:
   is taken over the candidate coordinates (``space: logit``). ``space: parameter`` is the exact
   cosine in parameter space for small models: the gradients of ``g* . z`` (candidates) and of the
   divergence (whole vocabulary) with respect to every student weight;
-- every student sample counts in ``budget`` (rollouts and continuations); nodes that no longer fit
-  are skipped and counted, never half-measured. The continuations that estimate ``P_succ`` depend
+- every student sample counts in ``budget`` (rollouts and continuations); nodes are taken shallow
+  depths first, over every rollout, and those that no longer fit are skipped and counted, never
+  half-measured. The continuations that estimate ``P_succ`` depend
   on the student only, so every configuration is scored on the same nodes;
 - intervals are percentile bootstraps over questions.
 """
@@ -64,8 +68,9 @@ class SignalConfig:
 
     Args:
         name: Its label in the report and the plots.
-        teacher: A model directory, ``embedded:teacher``, or ``student`` (the student itself: a
-            privileged self-teacher when ``reveal_ratio`` is set).
+        teacher: What ``model.teacher`` takes: a model directory or GGUF file,
+            ``embedded:teacher``, or ``self_live`` (the student itself: a privileged self-teacher
+            when ``reveal_ratio`` is set).
         reveal_ratio: ``None``: the teacher reads the student's prompt; otherwise the source's
             privileged context with this share of the reference revealed.
         divergence: ``reverse_kl`` or ``forward_kl``.
@@ -146,9 +151,10 @@ def cosine(a: Tensor, b: Tensor) -> float:
     return float((a * b).sum()) / norm if norm > 0 else math.nan
 
 
-def teacher_advantage(p_teacher: Tensor, p_student: Tensor, success: Tensor) -> float:
-    """``A_T = sum_k (p_T(k) - p_S(k)) P_succ(k)`` over the candidate tokens."""
-    return float(((p_teacher - p_student) * success).sum())
+def teacher_advantage(p_teacher: Tensor, p_student: Tensor, success: Tensor, value: float) -> float:
+    """``A_T = sum_k (p_T(k) - p_S(k)) (P_succ(k) - V)`` over the candidate tokens (see the module
+    doc: the tokens outside them count as succeeding at ``V``)."""
+    return float(((p_teacher - p_student) * (success - value)).sum())
 
 
 def node_depths(length: int, every: bool) -> list[int]:
@@ -292,6 +298,11 @@ def measure_alignment(
     self-teacher). This rank's work only: no collective is called."""
     student, eos = ctx.student, ctx.tokenizer.eos_token_id
     sampling, used = settings.sampling, 0
+    if len(problems) * settings.rollouts_per_problem > settings.budget:
+        raise ValueError(
+            f"settings.budget ({settings.budget}) is below the {len(problems) * settings.rollouts_per_problem} rollouts "
+            "themselves: raise it or score fewer problems"
+        )
     prompts = [ctx.tokenize(p.prompt) for p in problems]
     with ctx.seeded("alignment", "rollouts"):
         completions = ctx.engine_for(student).generate(prompts, settings.rollouts_per_problem, sampling)
@@ -303,6 +314,9 @@ def measure_alignment(
             every = i * settings.rollouts_per_problem + r < settings.token_view_rollouts
             for depth in node_depths(len(completion.token_ids), every):
                 nodes.append(_Node(problem, r, prompt_ids, completion.token_ids, depth, correct))
+    # Shallow nodes of every rollout first, so a budget that runs out cuts depth, not questions.
+    position = {id(n): k for k, n in enumerate(nodes)}
+    nodes.sort(key=lambda n: (depth_bucket(n.depth), position[id(n)]))
     # The student at every node: one teacher-forced pass per rollout.
     rollouts = list({(id(n.response), n.problem.problem_id, n.rollout): n for n in nodes}.values())
     student_logp = _node_logprobs(ctx, student, rollouts, [r.prompt_ids for r in rollouts])
@@ -311,7 +325,8 @@ def measure_alignment(
         logp = student_logp[(node.problem.problem_id, node.rollout)][node.depth]
         top = torch.topk(logp, min(settings.top_k, logp.numel())).indices.tolist()
         node.candidates = list(dict.fromkeys([*top, node.response[node.depth]]))
-        cost = settings.continuations * sum(k != eos for k in node.candidates)
+        last = node.depth + 1 >= sampling.max_new_tokens  # a candidate here ends the response: scored exactly
+        cost = 0 if last else settings.continuations * sum(k != eos for k in node.candidates)
         if used + cost > settings.budget:
             skipped += 1
             continue
@@ -340,7 +355,7 @@ def measure_alignment(
                 record.cos[config.name] = _parameter_cosine(ctx, node, idx, g_star, direction)
             else:
                 record.cos[config.name] = cosine(g_star, direction[idx])
-            record.advantage[config.name] = teacher_advantage(t_logp.exp()[idx], s_logp.exp()[idx], success)
+            record.advantage[config.name] = teacher_advantage(t_logp.exp()[idx], s_logp.exp()[idx], success, record.value)
     return AlignmentReport(
         records, [c.name for c, _ in signals], used, settings.budget, skipped, settings.space, settings.bootstrap, ctx.seed
     )
