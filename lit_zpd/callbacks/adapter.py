@@ -145,7 +145,7 @@ class TeacherAdapter(Callback, RolloutHook):
             return [[] for _ in groups]
         rows = [(g, c) for g, options in zip(groups, candidates) for c in options]
         logprobs = ctx.sequence_logprobs(
-            ctx.student, [ctx.tokenize(g.spec.student_prompt) for g, _ in rows], [c[0] for _, c in rows]
+            ctx.student, [ctx.encode_prompt(g.spec.student_prompt) for g, _ in rows], [c[0] for _, c in rows]
         )
         scores = iter([(-float(lp.mean()), -float(lp.sum())) for lp in logprobs])
         return [[next(scores) for _ in options] for options in candidates]

@@ -116,7 +116,7 @@ class GradientAlignmentProbe(Callback):
         metrics: dict[str, float] | None = None
         if trainer.is_global_zero:
             ctx = trainer.datamodule.context
-            problems = spread_over_skills(ctx.source.problems(self.split), self.num_problems)
+            problems = spread_over_skills(ctx.problems(self.split), self.num_problems)
             report = measure_alignment(ctx, problems, [(s, self._teacher(s.teacher, pl_module)) for s in self.signals], self.settings)
             metrics = {}
             for name, splits in report.summary().items():

@@ -68,7 +68,7 @@ from typing_extensions import override
 from lit_zpd.rollout.batch import EvalBatch
 from lit_zpd.rollout.context import RolloutContext
 from lit_zpd.rollout.plan import DrawRequest, RolloutHook, RolloutPlan
-from lit_zpd.tasks.problem import SPLITS, Problem, ProblemSource, Split
+from lit_zpd.tasks.problem import SPLITS, Problem, Split
 from lit_zpd.tasks.skills import Deficiency, SkillGraph, deficiencies
 
 Cell = tuple[str, int]  # (skill, difficulty level)
@@ -304,9 +304,9 @@ class CurriculumScheduler(Callback, RolloutHook):
                 f"{type(self).__name__} measures the student against a teacher: set model.teacher to a model "
                 "(not self_live, which is the student itself)"
             )
-        source = getattr(trainer.datamodule, "source", None)
-        if source is not None:
-            self._build(source)
+        context = getattr(trainer.datamodule, "context", None)
+        if context is not None:
+            self._build(context)
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -353,7 +353,7 @@ class CurriculumScheduler(Callback, RolloutHook):
 
     @override
     def on_draw(self, ctx: RolloutContext, draw: DrawRequest) -> None:
-        organizer = self._build(ctx.source)
+        organizer = self._build(ctx)
         if self.last_probe_step is None or ctx.policy_version - self.last_probe_step >= self.reprobe_every_n_steps:
             self.probe(ctx)
         frontier = organizer.frontier()
@@ -369,7 +369,7 @@ class CurriculumScheduler(Callback, RolloutHook):
 
     @override
     def on_plan(self, ctx: RolloutContext, plan: RolloutPlan) -> None:
-        organizer = self._build(ctx.source)
+        organizer = self._build(ctx)
         last = self.history[-1]
         plan.metrics |= {f"curriculum/mastery/{skill}": value for skill, value in self.skill_mastery().items()}
         plan.metrics |= {f"curriculum/student_accuracy/{skill}": value for skill, value in last["student"].items()}
@@ -386,7 +386,7 @@ class CurriculumScheduler(Callback, RolloutHook):
 
     def probe(self, ctx: RolloutContext) -> None:
         """Measure the student (and, once, the teacher), re-run the Identifier, update the Organizer."""
-        organizer = self._build(ctx.source)
+        organizer = self._build(ctx)
         if self.teacher_accuracy is None:
             self.teacher_accuracy = self._accuracy(ctx.evaluate(ctx.teacher, self._probe_set, samples=0))
         student = self._accuracy(ctx.evaluate(ctx.student, self._probe_set, samples=0, budget=True))
@@ -450,12 +450,12 @@ class CurriculumScheduler(Callback, RolloutHook):
             )
         return "\n".join(lines)
 
-    def _build(self, source: ProblemSource) -> Organizer:
+    def _build(self, ctx: RolloutContext) -> Organizer:
         """The Organizer, the probe set and the training cells, from the source (once)."""
         if self.organizer is not None:
             return self.organizer
-        graph = SkillGraph(source.skill_graph(), where="data.source skill graph")
-        train = source.problems("train")
+        graph = SkillGraph(ctx.source.skill_graph(), where="data.source skill graph")
+        train = ctx.problems("train")
         self._train_cells = Counter(cell_of(p) for p in train)
         unknown = sorted({s for s, _ in self._train_cells} - set(graph.skills))
         if unknown:
@@ -470,7 +470,7 @@ class CurriculumScheduler(Callback, RolloutHook):
         for skill, level in self._train_cells:
             levels.setdefault(skill, set()).add(level)
         per_cell: dict[Cell, list[Problem]] = {}
-        for problem in source.problems(self.probe_split):
+        for problem in ctx.problems(self.probe_split):
             per_cell.setdefault(cell_of(problem), []).append(problem)
         missing = sorted(c for c in self._train_cells if not per_cell.get(c))
         if missing:

@@ -283,7 +283,7 @@ class ReplayGraduationCallback(Callback, RolloutHook):
         if not groups:
             return []
         sampling: SamplingConfig = self.teacher_sampling or ctx.teacher_sampling
-        prompts = [ctx.tokenize(g.spec.student_prompt) for g in groups]
+        prompts = [ctx.encode_prompt(g.spec.student_prompt) for g in groups]
         completions = ctx.engine_for(ctx.teacher).generate(prompts, self.teacher_samples, sampling)
         correct = []
         for group, samples in zip(groups, completions):

@@ -296,14 +296,14 @@ def measure_alignment(
     """Score every signal's alignment on the student's own rollouts of ``problems`` (see the module
     doc). ``signals`` pairs each configuration with its teacher model (``ctx.student`` for a
     self-teacher). This rank's work only: no collective is called."""
-    student, eos = ctx.student, ctx.tokenizer.eos_token_id
+    student, stops = ctx.student, set(ctx.prompts.stop_ids)
     sampling, used = settings.sampling, 0
     if len(problems) * settings.rollouts_per_problem > settings.budget:
         raise ValueError(
             f"settings.budget ({settings.budget}) is below the {len(problems) * settings.rollouts_per_problem} rollouts "
             "themselves: raise it or score fewer problems"
         )
-    prompts = [ctx.tokenize(p.prompt) for p in problems]
+    prompts = [ctx.encode_prompt(p.prompt) for p in problems]
     with ctx.seeded("alignment", "rollouts"):
         completions = ctx.engine_for(student).generate(prompts, settings.rollouts_per_problem, sampling)
     nodes: list[_Node] = []
@@ -326,7 +326,7 @@ def measure_alignment(
         top = torch.topk(logp, min(settings.top_k, logp.numel())).indices.tolist()
         node.candidates = list(dict.fromkeys([*top, node.response[node.depth]]))
         last = node.depth + 1 >= sampling.max_new_tokens  # a candidate here ends the response: scored exactly
-        cost = 0 if last else settings.continuations * sum(k != eos for k in node.candidates)
+        cost = 0 if last else settings.continuations * sum(k not in stops for k in node.candidates)
         if used + cost > settings.budget:
             skipped += 1
             continue
@@ -340,7 +340,7 @@ def measure_alignment(
     for config, teacher in signals:
         context = ctx.source.privileged_context() if config.reveal_ratio is not None else None
         teacher_prompts = [
-            ctx.tokenize(context.reveal(r.problem, config.reveal_ratio)) if context is not None else r.prompt_ids  # type: ignore[arg-type]
+            ctx.encode_prompt(context.reveal(r.problem, config.reveal_ratio)) if context is not None else r.prompt_ids  # type: ignore[arg-type]
             for r in rollouts
         ]
         teacher_logp = _node_logprobs(ctx, teacher, rollouts, teacher_prompts)
@@ -373,12 +373,12 @@ def _node_logprobs(
 def _estimate_success(ctx: RolloutContext, nodes: list[_Node], settings: AlignmentSettings) -> None:
     """``P_succ`` of every candidate of every node: ``M`` student continuations after the
     candidate (batched per remaining length), or exactly for end-of-sequence."""
-    eos = ctx.tokenizer.eos_token_id
+    stops = set(ctx.prompts.stop_ids)
     jobs: dict[int, list[tuple[_Node, int]]] = {}  # remaining tokens -> (node, candidate index)
     for node in nodes:
         node.success = [0.0] * len(node.candidates)
         for c, token in enumerate(node.candidates):
-            if token == eos:
+            if token in stops:
                 node.success[c] = float(ctx.reward(ctx.decode(node.response[: node.depth]), node.problem.answer) > 0)
             else:
                 remaining = settings.sampling.max_new_tokens - node.depth - 1

@@ -22,6 +22,7 @@ from lit_zpd.assets import resolve
 from lit_zpd.diagnostics.alignment import AlignmentReport, AlignmentSettings, SignalConfig, measure_alignment
 from lit_zpd.diagnostics.exposure import load_context
 from lit_zpd.rollout.context import RolloutContext
+from lit_zpd.rollout.prompts import PromptFormat
 from lit_zpd.rollout.vllm_engine import VLLMSettings
 from lit_zpd.tasks.arithmetic import ArithmeticCurriculum
 from lit_zpd.tasks.problem import Problem, ProblemSource, Split
@@ -52,6 +53,7 @@ def diagnose(
     seed: int = 0,
     engine: Literal["hf", "vllm"] = "hf",
     vllm: VLLMSettings | None = None,
+    prompt: PromptFormat = PromptFormat(),
 ) -> AlignmentReport:
     """Run the diagnostic and write its report and plots.
 
@@ -70,6 +72,8 @@ def diagnose(
             ``vllm`` (prefix caching shares the prompt and prefix of a node's continuations;
             ``settings.sampling.top_p`` must be 1).
         vllm: Options of the ``vllm`` engine.
+        prompt: How prompts become tokens (chat template, length limit, stop tokens), as
+            ``data.prompt`` in a run.
     """
     if engine not in ("hf", "vllm"):
         raise ValueError(f"engine must be hf or vllm, got {engine!r}")
@@ -81,12 +85,12 @@ def diagnose(
         raise ValueError(f"num_problems must be >= 1, got {num_problems}")
     settings = settings or AlignmentSettings()
     source = source or ArithmeticCurriculum()
-    ctx = load_context(student, source, settings.sampling.max_new_tokens, seed, engine, vllm)
+    ctx = load_context(student, source, settings.sampling.max_new_tokens, seed, engine, vllm, prompt)
     teachers: dict[str, Any] = {}
     for signal in signals:
         if signal.teacher not in teachers:
             teachers[signal.teacher] = load_teacher(resolve(signal.teacher), ctx.student, ctx.tokenizer)
-    problems = spread_over_skills(source.problems(split), num_problems)
+    problems = spread_over_skills(ctx.problems(split), num_problems)
     report = measure_alignment(ctx, problems, [(s, teachers[s.teacher]) for s in signals], settings)
     write_report(report, ctx, out_dir)
     print(summary_table(report))

@@ -27,6 +27,7 @@ from lit_zpd.report import summarize
 from lit_zpd.rollout.context import RolloutContext
 from lit_zpd.rollout.engine import RolloutEngine, SamplingConfig
 from lit_zpd.rollout.hf_engine import HFEngine
+from lit_zpd.rollout.prompts import PromptFormat
 from lit_zpd.rollout.vllm_engine import VLLMEngine, VLLMSettings
 from lit_zpd.tasks.privileged import PrivilegedContext
 from lit_zpd.tasks.problem import Problem, ProblemSource
@@ -34,24 +35,25 @@ from lit_zpd.tasks.problem import Problem, ProblemSource
 
 def load_context(
     model: str, source: ProblemSource, max_new_tokens: int = 48, seed: int = 0,
-    engine: Literal["hf", "vllm"] = "hf", vllm: VLLMSettings | None = None,
+    engine: Literal["hf", "vllm"] = "hf", vllm: VLLMSettings | None = None, prompt: PromptFormat = PromptFormat(),
 ) -> RolloutContext:
     """A context over one Hugging Face model directory (or ``embedded:student``), which is both
     student and teacher (a self-teacher), sampled with ``generate`` (or, with ``engine: vllm``, the
-    student with vLLM): for measurements outside a run."""
+    student with vLLM), its prompts encoded under ``prompt``: for measurements outside a run."""
     path = resolve(model)
     tokenizer = load_tokenizer(path)
     weights = load_causal_lm(path).eval()
 
     def make_engine(m: Any) -> RolloutEngine:
         if engine == "vllm" and m is weights:
-            return VLLMEngine(path, tokenizer.eos_token_id, len(tokenizer), vllm)
-        return HFEngine(m, tokenizer.pad_token_id, tokenizer.eos_token_id, len(tokenizer))
+            return VLLMEngine(path, ctx.prompts.stop_ids, len(tokenizer), vllm)
+        return HFEngine(m, tokenizer.pad_token_id, ctx.prompts.stop_ids, len(tokenizer))
 
-    return RolloutContext(
+    ctx = RolloutContext(
         student=weights, teacher=weights, tokenizer=tokenizer, source=source, seed=seed, loss=LossConfig(sft=1.0),
-        engine_factory=make_engine, eval_sampling=SamplingConfig(max_new_tokens=max_new_tokens),
+        engine_factory=make_engine, eval_sampling=SamplingConfig(max_new_tokens=max_new_tokens), prompt=prompt,
     )
+    return ctx
 
 
 def accuracy_by_reveal(
@@ -80,13 +82,13 @@ def mismatch_by_reveal(
 ) -> dict[str, float]:
     """Mean per-token forward KL(p_T^a || p_S) on one sampled student response per problem, by
     ratio (``"0.5"``); the responses are sampled once (seeded) and shared by every ratio."""
-    prompts = [ctx.tokenize(p.prompt) for p in problems]
+    prompts = [ctx.encode_prompt(p.prompt) for p in problems]
     with ctx.seeded("mismatch_by_reveal"):
         responses = [c[0].token_ids for c in ctx.engine_for(student).generate(prompts, 1, sampling)]
     s_logits = ctx.response_logits(student, prompts, responses)
     out = {}
     for ratio in ratios:
-        t_prompts = [ctx.tokenize(context.reveal(p, ratio)) for p in problems]
+        t_prompts = [ctx.encode_prompt(context.reveal(p, ratio)) for p in problems]
         t_logits = ctx.response_logits(teacher, t_prompts, responses)
         out[f"{ratio:g}"] = float(generalized_jsd(s_logits, t_logits, beta=0.0).mean())
     return out

@@ -200,7 +200,7 @@ def pack_rows(prompts: list[list[int]], responses: list[list[int]], pad_token_id
 
 def build_batch(
     groups: list[RolloutGroup],
-    tokenize: Callable[[str], list[int]],
+    encode_prompt: Callable[[str], list[int]],
     pad_token_id: int,
     source: DataSource,
     advantages: list[float] | None = None,
@@ -209,18 +209,18 @@ def build_batch(
 
     Args:
         groups: Scored groups, in order.
-        tokenize: ``str -> list[int]`` without special tokens.
+        encode_prompt: Prompt text to token ids (:meth:`RolloutContext.encode_prompt`).
         pad_token_id: Padding id.
         source: Who wrote the completions.
         advantages: One advantage per row; zeros if ``None``.
     """
     rows = [(g, i) for g in groups for i in range(len(g.token_ids))]
     responses = [g.token_ids[i] for g, i in rows]
-    student_prompts = {id(g): tokenize(g.spec.student_prompt) for g in groups}
+    student_prompts = {id(g): encode_prompt(g.spec.student_prompt) for g in groups}
     prompts = [student_prompts[id(g)] for g, _ in rows]
     input_ids, attention_mask, response_mask = pack_rows(prompts, responses, pad_token_id)
     if any(g.spec.teacher_prompt is not None for g in groups):
-        teacher_prompts = [tokenize(g.spec.teacher_prompt or g.spec.student_prompt) for g, _ in rows]
+        teacher_prompts = [encode_prompt(g.spec.teacher_prompt or g.spec.student_prompt) for g, _ in rows]
         t_ids, t_attn, t_resp = pack_rows(teacher_prompts, responses, pad_token_id)
     else:
         t_ids, t_attn, t_resp = input_ids, attention_mask, response_mask

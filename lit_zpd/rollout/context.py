@@ -19,6 +19,7 @@ import hashlib
 import itertools
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from lit_zpd.rollout.batch import EvalBatch, pack_rows
 from lit_zpd.rollout.engine import RolloutEngine, SamplingConfig
 from lit_zpd.rollout.pass_rates import PassRateTracker
 from lit_zpd.rollout.plan import PromptSpec, RolloutGroup
+from lit_zpd.rollout.prompts import PromptEncoder, PromptFormat, context_length
 from lit_zpd.tasks.problem import Problem, ProblemSource
 from lit_zpd.tasks.verifier import Verifier
 from lit_zpd.teacher import evaluating
@@ -41,11 +43,14 @@ EngineFactory = Callable[[nn.Module], RolloutEngine]
 
 @dataclass
 class RolloutCounters:
-    """Run totals, saved in checkpoints: student rollout tokens (the RL budget) and verifier
-    errors (responses, in training or evaluation, scored 0 because the verifier raised)."""
+    """Run totals, saved in checkpoints: student rollout tokens (the RL budget), verifier errors
+    (responses, in training or evaluation, scored 0 because the verifier raised), and rollout
+    prompts skipped or truncated for their length."""
 
     student_tokens: int = 0
     verifier_errors: int = 0
+    prompts_skipped: int = 0
+    prompts_truncated: int = 0
 
 
 @contextmanager
@@ -79,6 +84,7 @@ class RolloutContext:
         eval_samples: ``k`` of the mean accuracy over ``k`` samples in :meth:`evaluate`.
         eval_sampling: Sampling of those samples (greedy accuracy is always measured).
         eval_batch_size: Problems per engine call in :meth:`evaluate`.
+        prompt: How prompt text becomes tokens (chat template, length limit, stop tokens).
         rank: This process's rank.
         world_size: Number of processes.
         pass_rates: The shared tracker; a new one if ``None``.
@@ -100,6 +106,7 @@ class RolloutContext:
         eval_samples: int = 0,
         eval_sampling: SamplingConfig = SamplingConfig(),
         eval_batch_size: int = 64,
+        prompt: PromptFormat = PromptFormat(),
         rank: int = 0,
         world_size: int = 1,
         pass_rates: PassRateTracker | None = None,
@@ -118,6 +125,7 @@ class RolloutContext:
         self.eval_samples = eval_samples
         self.eval_sampling = eval_sampling
         self.eval_batch_size = eval_batch_size
+        self.prompt_format = prompt
         self.rank = rank
         self.world_size = world_size
         self.pass_rates = pass_rates if pass_rates is not None else PassRateTracker()
@@ -129,6 +137,9 @@ class RolloutContext:
         self._synced: dict[int, int] = {}
         self._pending = RolloutCounters()  # this rank's counts since the last reduction
         self._train_index: dict[str, Problem] | None = None
+        self._prompts: PromptEncoder | None = None
+        self._splits: dict[str, list[Problem]] = {}
+        self.overlong_problems: dict[str, int] = {}  # per split, left out because their prompt is too long
 
     # ----------------------------------------------------------------------------- models
 
@@ -140,17 +151,74 @@ class RolloutContext:
     def verifier(self) -> Verifier:
         return self.source.verifier
 
+    def problems(self, split: str) -> list[Problem]:
+        """The source's problems of ``split`` whose prompt fits (see :mod:`lit_zpd.rollout.prompts`):
+        under ``overlong: skip`` the others are left out, counted in ``overlong_problems`` and
+        named in a warning, once per split."""
+        if split not in self._splits:
+            problems = self.source.problems(split)  # type: ignore[arg-type]
+            if self.prompts.format.overlong == "skip" and self.prompts.max_tokens is not None:
+                lengths = self.prompts.lengths([p.prompt for p in problems])
+                kept = [p for p, n in zip(problems, lengths) if n <= self.prompts.max_tokens]
+                if len(kept) < len(problems):
+                    self.overlong_problems[split] = len(problems) - len(kept)
+                    if self.rank == 0:
+                        warnings.warn(
+                            f"{len(problems) - len(kept)} of {len(problems)} {split} problems are left out: their prompt "
+                            f"is longer than {self.prompts.max_tokens} tokens (data.prompt.max_tokens, overlong: skip)",
+                            stacklevel=2,
+                        )
+                problems = kept
+            self._splits[split] = problems
+        return list(self._splits[split])
+
     def problem(self, problem_id: str) -> Problem:
         """The training problem with this id (replay buffers and curricula keep ids only)."""
         if self._train_index is None:
-            self._train_index = {p.problem_id: p for p in self.source.problems("train")}
+            self._train_index = {p.problem_id: p for p in self.problems("train")}
         try:
             return self._train_index[problem_id]
         except KeyError:
             raise KeyError(f"no training problem has id {problem_id!r}") from None
 
+    @property
+    def prompts(self) -> PromptEncoder:
+        """The prompt encoder; its default length limit is the shortest context of the student and
+        a teacher with weights of its own, less the longest ``max_new_tokens`` of the run."""
+        if self._prompts is None:
+            limit = self.prompt_format.max_tokens
+            if limit is None:
+                lengths = [n for n in (context_length(self.student), context_length(self.teacher)) if n is not None]
+                longest = max(s.max_new_tokens for s in (self.sampling, self.teacher_sampling, self.eval_sampling))
+                limit = min(lengths) - longest if lengths else None
+            self._prompts = PromptEncoder(self.tokenizer, self.prompt_format, limit)
+        return self._prompts
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a prompt as the models read it (:meth:`PromptEncoder.encode`)."""
+        return self.prompts.encode(text)
+
+    def admit(self, specs: list[PromptSpec]) -> list[PromptSpec]:
+        """The specs whose prompts fit, before they are answered: under ``overlong: skip`` the
+        others are dropped, under ``truncate`` they are kept and will be cut; both are counted.
+        The student's prompt is checked, and the teacher's when a privileged one is set."""
+        if self.prompts.max_tokens is None:
+            return specs
+        kept = []
+        for spec in specs:
+            texts = [spec.student_prompt] + ([spec.teacher_prompt] if spec.teacher_prompt else [])
+            if all(self.prompts.fits(t) for t in texts):
+                kept.append(spec)
+            elif self.prompts.format.overlong == "truncate":
+                self._pending.prompts_truncated += 1
+                kept.append(spec)
+            else:
+                self._pending.prompts_skipped += 1
+        return kept
+
     def tokenize(self, text: str) -> list[int]:
-        """Token ids of ``text`` without special tokens."""
+        """Token ids of ``text`` without special tokens (responses; prompts go through
+        :meth:`encode_prompt`)."""
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def decode(self, token_ids: list[int]) -> str:
@@ -220,7 +288,7 @@ class RolloutContext:
         """Per-token log-probabilities of each ``response`` read after its ``prompt`` by ``model``
         (:meth:`sequence_logprobs` of their tokens). This rank's pairs only; shard and
         :meth:`gather` for a global figure."""
-        return self.sequence_logprobs(model, [self.tokenize(p) for p in prompts], [self.tokenize(r) for r in responses])
+        return self.sequence_logprobs(model, [self.encode_prompt(p) for p in prompts], [self.tokenize(r) for r in responses])
 
     def sequence_logprobs(self, model: Any, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[Tensor]:
         """Per-token log-probabilities of each response's tokens after its prompt's under ``model``
@@ -259,6 +327,8 @@ class RolloutContext:
         for part in parts:
             self.counters.student_tokens += part.student_tokens
             self.counters.verifier_errors += part.verifier_errors
+            self.counters.prompts_skipped += part.prompts_skipped
+            self.counters.prompts_truncated += part.prompts_truncated
 
     def take_pending(self) -> RolloutCounters:
         """This rank's counts since the last call, to be gathered and reduced."""
@@ -299,7 +369,7 @@ class RolloutContext:
         """:meth:`evaluate` of one batch on this rank alone."""
         engine = self.engine_for(model)
         samples = self.eval_samples if samples is None else samples
-        prompts = [self.tokenize(p.prompt) for p in problems]
+        prompts = [self.encode_prompt(p.prompt) for p in problems]
         greedy = engine.generate(prompts, 1, SamplingConfig(0.0, 1.0, self.eval_sampling.max_new_tokens))
         texts = [self.decode(g[0].token_ids) for g in greedy]
         generated = sum(len(g[0].token_ids) for g in greedy)

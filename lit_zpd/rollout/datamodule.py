@@ -42,6 +42,7 @@ from lit_zpd.rollout.hf_engine import HFEngine
 from lit_zpd.rollout.pass_rates import PassRateSettings, PassRateTracker
 from lit_zpd.rollout.pipeline import AdvantageEstimator, RolloutPipeline
 from lit_zpd.rollout.plan import DataSource, RolloutHook
+from lit_zpd.rollout.prompts import PromptFormat
 from lit_zpd.rollout.sampler import ProblemSampler
 from lit_zpd.rollout.vllm_engine import VLLMEngine, VLLMSettings
 from lit_zpd.tasks.arithmetic import ArithmeticCurriculum
@@ -112,6 +113,9 @@ class RolloutDataModule(LightningDataModule):
         eval_samples: ``k`` for the mean accuracy over ``k`` samples at validation.
         eval_sampling: Sampling for that mean; greedy accuracy is always measured too.
         eval_batch_size: Problems per validation batch.
+        prompt: How prompt text becomes tokens: the chat template (applied when the tokenizer has
+            one), a system message, the prompt length limit and what happens past it, and extra
+            stop tokens (:class:`~lit_zpd.rollout.prompts.PromptFormat`).
         seed: Seeds problem order, on/off-policy choice and sampling noise; ``None`` takes the
             run's ``seed_everything`` (0 when there is none).
 
@@ -142,6 +146,7 @@ class RolloutDataModule(LightningDataModule):
         eval_samples: int = 8,
         eval_sampling: SamplingConfig = SamplingConfig(temperature=1.0),
         eval_batch_size: int = 64,
+        prompt: PromptFormat = PromptFormat(),
         seed: int | None = None,
     ) -> None:
         super().__init__()
@@ -187,6 +192,7 @@ class RolloutDataModule(LightningDataModule):
         self.eval_samples = eval_samples
         self.eval_sampling = eval_sampling
         self.eval_batch_size = eval_batch_size
+        self.prompt = prompt
         self.seed = seed if seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
         self.batches_consumed = 0
         self.counters = RolloutCounters()
@@ -219,6 +225,7 @@ class RolloutDataModule(LightningDataModule):
                 eval_samples=self.eval_samples,
                 eval_sampling=self.eval_sampling,
                 eval_batch_size=self.eval_batch_size,
+                prompt=self.prompt,
                 rank=self.trainer.global_rank,
                 world_size=self.trainer.world_size,
                 pass_rates=self.pass_rates,
@@ -232,7 +239,7 @@ class RolloutDataModule(LightningDataModule):
         if self._pipeline is None:
             self._pipeline = RolloutPipeline(
                 self.context,
-                ProblemSampler(self.source.problems("train"), self.prompts_per_step, self.seed),
+                ProblemSampler(self.context.problems("train"), self.prompts_per_step, self.seed),
                 self.hooks(),
                 **self.rollout_settings,
             )
@@ -244,18 +251,18 @@ class RolloutDataModule(LightningDataModule):
 
     def _make_engine(self, model: nn.Module) -> RolloutEngine:
         module = self.trainer.lightning_module
-        tok = module.tokenizer
+        tok, stops = module.tokenizer, self.context.prompts.stop_ids
         if self.engine_name == "vllm" and model is module.student:
-            return VLLMEngine(resolve(module.hparams.student), tok.eos_token_id, len(tok), self.vllm)
-        return HFEngine(model, tok.pad_token_id, tok.eos_token_id, len(tok), self.generation_batch_size)
+            return VLLMEngine(resolve(module.hparams.student), stops, len(tok), self.vllm)
+        return HFEngine(model, tok.pad_token_id, stops, len(tok), self.generation_batch_size)
 
     # ----------------------------------------------------------------------------- Lightning
 
     @override
     def setup(self, stage: str) -> None:
         self._pipeline = None  # the trainer's callbacks may have changed
-        if not self.source.problems("train"):
-            raise ValueError("data.source has no training problems")
+        if not self.context.problems("train"):
+            raise ValueError("data.source has no training problems (or none whose prompt fits data.prompt.max_tokens)")
         pipeline = self.pipeline  # built now, so a conflict between hooks is reported at setup
         controlled = set().union(*(h.rollout_controls() for h in pipeline.hooks))
         if stage == "fit" and not controlled & {"loss", "data_source"}:
@@ -272,7 +279,8 @@ class RolloutDataModule(LightningDataModule):
     @override
     def val_dataloader(self) -> EVAL_DATALOADERS:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
-        return DataLoader(_EvalShard(self.source.problems("validation"), rank, world, self.eval_batch_size), batch_size=None)
+        problems = self.context.problems("validation") if self.trainer is not None else self.source.problems("validation")
+        return DataLoader(_EvalShard(problems, rank, world, self.eval_batch_size), batch_size=None)
 
     @override
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -286,6 +294,8 @@ class RolloutDataModule(LightningDataModule):
             "batches_consumed": self.batches_consumed,
             "student_tokens": self.counters.student_tokens,
             "verifier_errors": self.counters.verifier_errors,
+            "prompts_skipped": self.counters.prompts_skipped,
+            "prompts_truncated": self.counters.prompts_truncated,
             "pass_rates": self.pass_rates.state_dict(),
         }
         if self.ppo_minibatches > 1:
@@ -301,6 +311,8 @@ class RolloutDataModule(LightningDataModule):
         self.batches_consumed = int(state_dict.get("batches_consumed", 0))
         self.counters.student_tokens = int(state_dict.get("student_tokens", 0))
         self.counters.verifier_errors = int(state_dict.get("verifier_errors", 0))
+        self.counters.prompts_skipped = int(state_dict.get("prompts_skipped", 0))
+        self.counters.prompts_truncated = int(state_dict.get("prompts_truncated", 0))
         self.pass_rates.load_state_dict(state_dict.get("pass_rates", {}))
         cached = state_dict.get("minibatches")
         self._minibatches = None
@@ -351,7 +363,7 @@ class RolloutDataModule(LightningDataModule):
 
     def evaluate(self, model: Any, split: Split = "validation") -> EvalBatch:
         """Greedy and sampled accuracy of ``model`` on a whole split (shared out over the ranks)."""
-        return self.context.evaluate(model, self.source.problems(split))
+        return self.context.evaluate(model, self.context.problems(split))
 
 
 def _plain(batch: RolloutBatch) -> dict[str, Any]:

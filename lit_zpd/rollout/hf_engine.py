@@ -15,20 +15,21 @@ class HFEngine(RolloutEngine):
     Args:
         model: The causal LM whose current weights are sampled (the live student or the teacher).
         pad_token_id: Padding id of the tokenizer.
-        eos_token_id: End-of-sequence id; a completion stops after it.
+        eos_token_id: End-of-sequence id, or the ids of every token that ends a completion (an
+            instruct model's stop tokens); a completion stops after the first.
         vocab_size: Tokens the tokenizer knows; ids past it (padding rows of the output head) are
             never sampled and the log-probabilities are normalised over the first ``vocab_size``.
         batch_size: Sequences (prompts x samples) per ``generate`` call, to bound memory.
     """
 
     def __init__(
-        self, model: PreTrainedModel, pad_token_id: int, eos_token_id: int, vocab_size: int, batch_size: int = 256
+        self, model: PreTrainedModel, pad_token_id: int, eos_token_id: int | list[int], vocab_size: int, batch_size: int = 256
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
         self.pad_token_id = pad_token_id
-        self.eos_token_id = eos_token_id
+        self.stop_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         self.vocab_size = vocab_size
         self.batch_size = batch_size
 
@@ -76,7 +77,7 @@ class HFEngine(RolloutEngine):
             max_new_tokens=sampling.max_new_tokens,
             num_return_sequences=n,
             pad_token_id=self.pad_token_id,
-            eos_token_id=self.eos_token_id,
+            eos_token_id=self.stop_ids,
             suppress_tokens=list(range(self.vocab_size, self.model.get_output_embeddings().out_features)) or None,
             output_logits=sampling.logprobs,
             return_dict_in_generate=True,
@@ -95,8 +96,8 @@ class HFEngine(RolloutEngine):
         return [completions[i * n : (i + 1) * n] for i in range(len(prompts))]
 
     def _trim(self, token_ids: list[int], logprobs: list[float]) -> Completion:
-        """Cut after the first end-of-sequence token (generate pads finished rows)."""
-        if self.eos_token_id in token_ids:
-            end = token_ids.index(self.eos_token_id) + 1
+        """Cut after the first stop token (generate pads finished rows)."""
+        end = next((i + 1 for i, t in enumerate(token_ids) if t in self.stop_ids), None)
+        if end is not None:
             token_ids, logprobs = token_ids[:end], logprobs[:end]
         return Completion(token_ids=token_ids, logprobs=logprobs)

@@ -131,7 +131,7 @@ class RolloutPipeline:
             if factors is not None:
                 _multiply(groups, factors, type(hook).__name__)
         batch = build_batch(
-            groups, ctx.tokenize, ctx.tokenizer.pad_token_id, plan.data_source,
+            groups, ctx.encode_prompt, ctx.tokenizer.pad_token_id, plan.data_source,
             self._advantages(summaries, len(groups)) if plan.on_policy else None,
         )
         batch.sampling_temperature = (ctx.sampling.temperature or 1.0) if plan.on_policy else 1.0
@@ -141,6 +141,8 @@ class RolloutPipeline:
         batch.metrics = plan.metrics | {
             "rollout/student_tokens_total": float(ctx.counters.student_tokens),
             "rollout/verifier_errors_total": float(ctx.counters.verifier_errors),
+            "rollout/prompts_skipped_total": float(ctx.counters.prompts_skipped),
+            "rollout/prompts_truncated_total": float(ctx.counters.prompts_truncated),
             "rollout/weight_sync_seconds": ctx.sync_seconds,
             "rollout/pass_rate_measurements": float(measurements),
         }
@@ -187,6 +189,7 @@ class RolloutPipeline:
 
     def _respond(self, plan: RolloutPlan, specs: list[PromptSpec]) -> list[RolloutGroup]:
         ctx = self.ctx
+        specs = ctx.admit(specs)
         if plan.data_source == "reference":
             missing = [s.problem.problem_id for s in specs if s.problem.reference is None]
             if missing:
@@ -197,7 +200,7 @@ class RolloutPipeline:
         else:
             model, n, sampling = ctx.teacher, self.teacher_samples_per_prompt, ctx.teacher_sampling
         teacher_side = plan.data_source == "teacher"
-        prompts = [ctx.tokenize(s.teacher_prompt if teacher_side and s.teacher_prompt else s.student_prompt) for s in specs]
+        prompts = [ctx.encode_prompt(s.teacher_prompt if teacher_side and s.teacher_prompt else s.student_prompt) for s in specs]
         completions = ctx.engine_for(model).generate(prompts, n, sampling)
         groups = []
         for spec, samples in zip(specs, completions):
@@ -235,7 +238,7 @@ class RolloutPipeline:
         if not stale:
             return []
         sampling = self.pass_rate.sampling(ctx.sampling.max_new_tokens)
-        prompts = [ctx.tokenize(p.prompt) for p in stale.values()]
+        prompts = [ctx.encode_prompt(p.prompt) for p in stale.values()]
         with ctx.seeded("paced", plan.rollout_index):
             completions = ctx.engine_for(ctx.student).generate(prompts, self.pass_rate.rollouts, sampling)
         ctx.count_student_tokens(sum(len(c.token_ids) for samples in completions for c in samples))

@@ -17,7 +17,8 @@ Choices that keep its output interchangeable with :class:`~lit_zpd.rollout.hf_en
   ids. A bias, not ``allowed_token_ids``, because vLLM's V2 model runner caps either list at
   1,024 ids and heads are padded by far fewer ids than a vocabulary has.
 - ``generation_config="vllm"``: the directory's generation config adds no stop tokens or
-  sampling defaults; a completion stops only at our end-of-sequence id, which it includes.
+  sampling defaults; a completion stops only at our stop ids (end of sequence, and
+  ``data.prompt.stop_tokens``), and includes the one it stops at.
 - Each prompt gets a seed drawn from torch's global generator, so a caller that seeds torch (the
   data module seeds every batch) gets the same samples again, e.g. after a resume.
 
@@ -96,7 +97,8 @@ class VLLMEngine(RolloutEngine):
     Args:
         model_dir: Hugging Face directory whose architecture (and first weights) vLLM loads: the
             student's. Its later weights arrive through :meth:`sync_weights`.
-        eos_token_id: End-of-sequence id; a completion stops after it.
+        eos_token_id: End-of-sequence id, or the ids of every token that ends a completion; a
+            completion stops after the first, which it includes.
         vocab_size: Tokens the tokenizer knows; ids past it are never sampled.
         settings: Engine options.
 
@@ -107,7 +109,9 @@ class VLLMEngine(RolloutEngine):
         completions = engine.generate([[10, 11]], n=4, sampling=SamplingConfig(temperature=1.0))
     """
 
-    def __init__(self, model_dir: str, eos_token_id: int, vocab_size: int, settings: VLLMSettings | None = None) -> None:
+    def __init__(
+        self, model_dir: str, eos_token_id: int | list[int], vocab_size: int, settings: VLLMSettings | None = None
+    ) -> None:
         if model_dir.endswith(".gguf"):
             raise ValueError(
                 f"data.engine: vllm needs a model directory, not the GGUF file {model_dir}: write one with "
@@ -117,7 +121,7 @@ class VLLMEngine(RolloutEngine):
         from vllm.platforms import current_platform
 
         self.settings = settings or VLLMSettings()
-        self.eos_token_id = eos_token_id
+        self.stop_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         self.vocab_size = vocab_size
         on_cpu = current_platform.is_cpu()
         kv_gib = self.settings.kv_cache_space_gib or (1.0 if on_cpu else None)
@@ -162,7 +166,7 @@ class VLLMEngine(RolloutEngine):
             top_p=1.0 if sampling.greedy else sampling.top_p,
             max_tokens=sampling.max_new_tokens,
             logprobs=0 if sampling.logprobs else None,  # the sampled token's log-probability only
-            stop_token_ids=[self.eos_token_id],
+            stop_token_ids=self.stop_ids,
             logit_bias=self._padded_ids_bias,
             seed=None if sampling.greedy else seed,
             detokenize=False,
