@@ -56,6 +56,12 @@ def is_gguf(path: str) -> bool:
 def _gguf_args(path: str) -> tuple[str, dict[str, Any]]:
     """``from_pretrained`` arguments of a directory or a GGUF file."""
     if not is_gguf(path):
+        if not Path(path).is_dir():
+            hint = " (scripts/prepare_real.sh writes the real models under logs/real/; docs/real.md)" if "logs/real" in path else ""
+            raise FileNotFoundError(
+                f"no model directory at {path}: give a model directory, a .gguf file, embedded:<name> or "
+                f"{PACKAGED_PREFIX}smollm2; nothing is downloaded from a hub{hint}"
+            )
         return path, {}
     file = Path(path)
     if not file.is_file():
@@ -96,7 +102,7 @@ def convert_gguf(source: str, out_dir: str, prompts: tuple[str, ...] = VERIFY_PR
         raise ValueError(f"convert: {source} is not a .gguf file")
     out = Path(out_dir)
     original, tokenizer = load_causal_lm(source).eval(), load_tokenizer(source)
-    rebuilt = AutoModelForCausalLM.from_config(original.config, dtype=torch.float32)
+    rebuilt = AutoModelForCausalLM.from_config(plain_config(original.config), dtype=torch.float32)
     rebuilt.load_state_dict(original.state_dict())
     rebuilt.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
@@ -108,6 +114,16 @@ def convert_gguf(source: str, out_dir: str, prompts: tuple[str, ...] = VERIFY_PR
         if not torch.equal(expected, got):
             raise RuntimeError(f"convert: {out} answers {prompt!r} differently from {source}; the conversion is wrong")
     return out
+
+
+def plain_config(config: Any) -> Any:
+    """A copy of a model config without the GGUF quantization record that a GGUF load leaves in
+    it: the weights are dequantised, and a model built from a config that keeps it loads as
+    "quantized" and refuses to be saved again."""
+    config = copy.deepcopy(config)
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    return config
 
 
 def _prompt_ids(tokenizer: Any, prompt: str) -> torch.Tensor:
@@ -130,7 +146,7 @@ def layer_dropped_student(teacher: PreTrainedModel, keep_every: int = 2) -> PreT
         raise ValueError(f"keep_every must be >= 1, got {keep_every}")
     depth = teacher.config.num_hidden_layers
     keep = list(range(0, depth, keep_every))
-    config = copy.deepcopy(teacher.config)
+    config = plain_config(teacher.config)
     config.num_hidden_layers = len(keep)
     if getattr(config, "layer_types", None):
         config.layer_types = [config.layer_types[i] for i in keep]

