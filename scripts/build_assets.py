@@ -60,7 +60,7 @@ def context_report() -> dict[str, dict[str, float]]:
     mismatch KL(p_T^a || p_S) by ratio with its starting weights as the privileged teacher."""
     source = ArithmeticCurriculum()
     ctx = load_context("embedded:student", source)
-    problems, context = source.problems("validation"), source.privileged_context()
+    problems, context = ctx.problems("validation"), source.privileged_context()
     accuracy = accuracy_by_reveal(ctx, ctx.student, problems, context, RATIOS)
     mismatch = mismatch_by_reveal(ctx, ctx.student, ctx.teacher, problems, context, RATIOS)
     print(f"{'student greedy':<15} " + " ".join(f"{s:>10}" for s in [*SKILL_GRAPH, "all"]) + f" {'mismatch KL':>12}")

@@ -77,6 +77,16 @@ def test_an_overlong_prompt_is_cut_from_the_left_or_refused() -> None:
     assert PromptEncoder(tokenizer, max_tokens=5).lengths(["1+2\n", "12345+678=?\n"]) == [4, 12]
 
 
+
+def test_truncation_keeps_the_chat_template_whole_and_the_end_of_the_message() -> None:
+    tokenizer = chat_tokenizer()
+    overhead = len(PromptEncoder(tokenizer, PromptFormat(system="S")).full(""))
+    cut = PromptEncoder(tokenizer, PromptFormat(system="S", overlong="truncate"), max_tokens=overhead + 6)
+    assert tokenizer.decode(cut.encode("12345+678=?\n")) == "<system>S</s><user>678=?\n</s><assistant>"
+    with pytest.raises(PromptTooLong, match="template alone"):
+        PromptEncoder(tokenizer, PromptFormat(system="S", overlong="truncate"), max_tokens=overhead - 1).encode("1")
+
+
 def test_stop_tokens_are_single_tokens_after_the_end_of_sequence() -> None:
     tokenizer = build_char_tokenizer()
     encoder = PromptEncoder(tokenizer, PromptFormat(stop_tokens=["\n"]))
@@ -178,3 +188,12 @@ def test_privileged_prompts_past_the_limit_are_skipped_and_counted(tiny_student:
     teacher_prompt_lengths = (batch.teacher_attention_mask * (1 - batch.teacher_response_mask)).sum(1)
     assert int(teacher_prompt_lengths.max()) <= limit
     assert all(len(context.reveal(data.context.problem(pid), 1.0)) <= limit for pid in batch.problem_ids)
+
+
+def test_measurements_keep_the_problems_whose_built_prompts_fit(make_context) -> None:  # noqa: ANN001
+    ctx = make_context(prompt=PromptFormat(max_tokens=8))
+    problems = ctx.problems("train")[:12]  # "0+1=?\n" .. "11+1=?\n": 6 or 7 bytes
+    assert [p.problem_id for p in ctx.fitting(problems, lambda p: "ab" + p.prompt)] == [f"p{i}" for i in range(10)]
+    assert ctx.fitting(problems, lambda p: p.prompt, lambda p: "abc" + p.prompt) == []
+    truncating = make_context(prompt=PromptFormat(max_tokens=8, overlong="truncate"))
+    assert truncating.fitting(problems, lambda p: "abc" + p.prompt) == problems

@@ -464,7 +464,8 @@ class CurriculumScheduler(Callback, RolloutHook):
         if untaught:
             raise ValueError(
                 f"{type(self).__name__}: skill {untaught[0]!r} of data.source's skill graph has no training problem to "
-                "teach it with; drop it from the prerequisite map (data.source.skill_graph) or add training rows"
+                "teach it with (or none whose prompt fits data.prompt.max_tokens); drop it from the prerequisite map "
+                "(data.source.skill_graph) or add training rows"
             )
         levels: dict[str, set[int]] = {}
         for skill, level in self._train_cells:
@@ -476,7 +477,8 @@ class CurriculumScheduler(Callback, RolloutHook):
         if missing:
             raise ValueError(
                 f"{type(self).__name__}: the {self.probe_split} split has no problem of skill {missing[0][0]!r} at "
-                f"difficulty {missing[0][1]} to probe; set probe_split to a split that covers every training cell"
+                f"difficulty {missing[0][1]} to probe (whose prompt fits data.prompt.max_tokens); set probe_split to a "
+                "split that covers every training cell"
             )
         self._probe_set = [p for cell in sorted(self._train_cells) for p in per_cell[cell][: self.probe_size]]
         self.organizer = Organizer(

@@ -485,6 +485,7 @@ class ExposureController(PrivilegedTeacher):
     def _probe(self, ctx: RolloutContext) -> list[Any]:
         if not self.probe_ids:
             pool = [p for p in ctx.problems("train") if p.reference and CONTEXT_COPY_MARK not in p.problem_id]
+            pool = ctx.fitting(pool, lambda p: self.context(ctx).reveal(p, 1.0))  # the longest context fits
             if not pool:
                 raise ValueError("ExposureController: no training problem has a reference solution for the probe set")
             self.probe_ids = [p.problem_id for p in ctx.rng("exposure", "probe").sample(pool, min(self.probe_size, len(pool)))]

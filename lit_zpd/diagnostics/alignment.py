@@ -295,7 +295,10 @@ def measure_alignment(
 ) -> AlignmentReport:
     """Score every signal's alignment on the student's own rollouts of ``problems`` (see the module
     doc). ``signals`` pairs each configuration with its teacher model (``ctx.student`` for a
-    self-teacher). This rank's work only: no collective is called."""
+    self-teacher). This rank's work only: no collective is called. Problems whose privileged
+    context (for a signal that reads one) is over the prompt limit are left out."""
+    privileged = [(ctx.source.privileged_context(), c.reveal_ratio) for c, _ in signals if c.reveal_ratio is not None]
+    problems = ctx.fitting(problems, *(lambda p, c=c, r=r: c.reveal(p, r) for c, r in privileged))
     student, stops = ctx.student, set(ctx.prompts.stop_ids)
     sampling, used = settings.sampling, 0
     if len(problems) * settings.rollouts_per_problem > settings.budget:

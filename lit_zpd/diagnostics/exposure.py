@@ -60,10 +60,12 @@ def accuracy_by_reveal(
     ctx: RolloutContext, model: Any, problems: list[Problem], context: PrivilegedContext, ratios: list[float]
 ) -> dict[str, dict[str, float]]:
     """Greedy accuracy per skill (and ``all``): key ``"none"`` without a context, then one key per
-    ratio (``"0.5"``) with the privileged context at that ratio."""
+    ratio (``"0.5"``) with the privileged context at that ratio. Problems whose widest context is
+    over the prompt limit are left out of every column."""
     def greedy(rows: list[Problem]) -> dict[str, float]:
         return {k.removeprefix("greedy/"): v for k, v in summarize(ctx.evaluate(model, rows)).items() if k.startswith("greedy/")}
 
+    problems = ctx.fitting(problems, lambda p: context.reveal(p, max(ratios, default=0.0)))
     out = {"none": greedy(problems)}
     for ratio in ratios:
         out[f"{ratio:g}"] = greedy([replace(p, prompt=context.reveal(p, ratio)) for p in problems])
@@ -81,7 +83,9 @@ def mismatch_by_reveal(
     sampling: SamplingConfig = SamplingConfig(temperature=1.0, max_new_tokens=48),
 ) -> dict[str, float]:
     """Mean per-token forward KL(p_T^a || p_S) on one sampled student response per problem, by
-    ratio (``"0.5"``); the responses are sampled once (seeded) and shared by every ratio."""
+    ratio (``"0.5"``); the responses are sampled once (seeded) and shared by every ratio. Problems
+    whose widest context is over the prompt limit are left out, as in :func:`accuracy_by_reveal`."""
+    problems = ctx.fitting(problems, lambda p: context.reveal(p, max(ratios, default=0.0)))
     prompts = [ctx.encode_prompt(p.prompt) for p in problems]
     with ctx.seeded("mismatch_by_reveal"):
         responses = [c[0].token_ids for c in ctx.engine_for(student).generate(prompts, 1, sampling)]

@@ -179,7 +179,10 @@ class RolloutContext:
         try:
             return self._train_index[problem_id]
         except KeyError:
-            raise KeyError(f"no training problem has id {problem_id!r}") from None
+            raise KeyError(
+                f"no training problem has id {problem_id!r} (a checkpoint's ids stop matching when the run resumes "
+                "with another data.source or data.prompt setting that leaves other problems out)"
+            ) from None
 
     @property
     def prompts(self) -> PromptEncoder:
@@ -197,6 +200,14 @@ class RolloutContext:
     def encode_prompt(self, text: str) -> list[int]:
         """Token ids of a prompt as the models read it (:meth:`PromptEncoder.encode`)."""
         return self.prompts.encode(text)
+
+    def fitting(self, problems: list[Problem], *prompts: Callable[[Problem], str]) -> list[Problem]:
+        """The problems each of whose prompts ``f(problem)`` (a privileged context, say) fits the
+        limit; all of them under ``overlong: truncate``, where encoding cuts the rest. For
+        measurements that build prompts outside a rollout, which :meth:`admit` does not see."""
+        if self.prompts.max_tokens is None or self.prompts.format.overlong == "truncate":
+            return list(problems)
+        return [p for p in problems if all(self.prompts.fits(f(p)) for f in prompts)]
 
     def admit(self, specs: list[PromptSpec]) -> list[PromptSpec]:
         """The specs whose prompts fit, before they are answered: under ``overlong: skip`` the

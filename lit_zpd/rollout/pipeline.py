@@ -115,7 +115,8 @@ class RolloutPipeline:
             if not groups:
                 raise RuntimeError(
                     f"rollout {index} has no responses: data.teacher_correct_only or the TeacherAdapter dropped every "
-                    "problem without a correct teacher sample (raise data.teacher_samples_per_prompt)"
+                    "problem without a correct teacher sample (raise data.teacher_samples_per_prompt), or every prompt "
+                    "was over the prompt limit (data.prompt.max_tokens; rollout/prompts_skipped_total counts them)"
                 )
             if plan.on_policy:
                 ctx.count_student_tokens(sum(len(ids) for g in groups for ids in g.token_ids))

@@ -9,11 +9,13 @@ sees its template everywhere and a response always starts where the model's turn
   without one (the embedded character tokenizer) reads the raw text. ``chat_template: false``
   turns the template off, ``true`` requires one.
 - **Length.** A prompt longer than ``max_tokens`` (by default the model's context length less the
-  longest generation the run asks for) is skipped or, with ``overlong: truncate``, cut from the
-  left, so that the end of the prompt (the question and the generation prompt) is kept. Problems
-  whose plain prompt is too long are dropped from their split when the run starts (a warning
-  names how many); prompts that hooks build later (reformulated, privileged) are checked per
-  rollout and counted (``rollout/prompts_skipped_total``, ``rollout/prompts_truncated_total``).
+  longest generation of the run's sampling settings) is skipped or, with ``overlong: truncate``,
+  loses the start of its text: the chat template (system message, turn markers, generation
+  prompt) stays whole and the end of the user message is kept. Under ``skip``, problems whose
+  plain prompt is too long are dropped from their split when the run starts (a warning names how
+  many); prompts that hooks build later (reformulated, privileged) are checked per rollout and
+  counted in ``rollout/prompts_skipped_total``. Under ``truncate`` every rollout prompt that is cut
+  is counted in ``rollout/prompts_truncated_total`` (a long problem once per draw).
 - **Stop tokens.** A completion ends at the tokenizer's end-of-sequence token or at any of
   ``stop_tokens`` (an instruct model may close its turn with another special token), which it
   includes.
@@ -139,6 +141,22 @@ class PromptEncoder:
         """Token ids of :meth:`text`, whatever their length (cached: prompts recur)."""
         return self.tokenizer(self.text(prompt), add_special_tokens=False)["input_ids"]
 
+    def truncated(self, prompt: str) -> str:
+        """The longest end of ``prompt`` whose encoding (template included) fits the limit: the
+        start of the text is cut, never the template around it. Raises ``PromptTooLong`` when the
+        template alone is over the limit."""
+        assert self.max_tokens is not None
+        if len(self.full("")) > self.max_tokens:
+            raise PromptTooLong(f"the chat template alone is longer than the prompt limit of {self.max_tokens} tokens")
+        low, high = 0, len(prompt)  # prompt[high:] fits; find the smallest start that does
+        while low < high:
+            mid = (low + high) // 2
+            if len(self.full(prompt[mid:])) <= self.max_tokens:
+                high = mid
+            else:
+                low = mid + 1
+        return prompt[high:]
+
     def lengths(self, prompts: list[str]) -> list[int]:
         """Token counts of many prompts, in one tokenizer call."""
         return [len(ids) for ids in self.tokenizer([self.text(p) for p in prompts], add_special_tokens=False)["input_ids"]]
@@ -148,7 +166,8 @@ class PromptEncoder:
         return self.max_tokens is None or len(self.full(prompt)) <= self.max_tokens
 
     def encode(self, prompt: str) -> list[int]:
-        """The prompt's token ids, cut from the left to the limit under ``overlong: truncate``.
+        """The prompt's token ids; under ``overlong: truncate`` a prompt over the limit is
+        :meth:`truncated`.
 
         Raises:
             PromptTooLong: under ``overlong: skip`` for a prompt over the limit (the pipeline
@@ -158,7 +177,7 @@ class PromptEncoder:
         if self.max_tokens is None or len(ids) <= self.max_tokens:
             return list(ids)
         if self.format.overlong == "truncate":
-            return ids[len(ids) - self.max_tokens :]
+            return list(self.full(self.truncated(prompt)))
         raise PromptTooLong(
             f"a prompt of {len(ids)} tokens is longer than the limit of {self.max_tokens} (data.prompt.max_tokens, "
             f"overlong: skip): {prompt[:80]!r}..."
