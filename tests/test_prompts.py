@@ -190,7 +190,7 @@ def test_privileged_prompts_past_the_limit_are_skipped_and_counted(tiny_student:
     assert all(len(context.reveal(data.context.problem(pid), 1.0)) <= limit for pid in batch.problem_ids)
 
 
-def test_measurements_keep_the_problems_whose_built_prompts_fit(make_context) -> None:  # noqa: ANN001
+def test_measurements_keep_the_problems_whose_built_prompts_fit(make_context) -> None:
     ctx = make_context(prompt=PromptFormat(max_tokens=8))
     problems = ctx.problems("train")[:12]  # "0+1=?\n" .. "11+1=?\n": 6 or 7 bytes
     assert [p.problem_id for p in ctx.fitting(problems, lambda p: "ab" + p.prompt)] == [f"p{i}" for i in range(10)]
