@@ -13,7 +13,7 @@ command line after the configs. With ``--seeds`` every config runs once per seed
 over seeds, with the share of the teacher's greedy accuracy the student retains at the end
 (``retained``); ``--scalars`` adds the run-mean of logged TensorBoard scalars. For every run the table
 gives its wall time on this machine, the student rollout tokens it spent, and the student's validation accuracy before and after training:
-greedy accuracy per skill and overall, the mean accuracy over 8 samples at temperature 1.0, and
+greedy accuracy per skill and overall, the mean accuracy over k samples (``data.eval_samples``) at temperature 1.0, and
 forgetting: of the validation problems the student solved greedily at the start, the share it
 fails at the end. Numbers come from the runs the script makes; nothing is cached.
 """
@@ -47,6 +47,7 @@ def run(name: str, overrides: list[str], seed: int | None = None, scalars: tuple
         "seed": seed,
         "minutes": (time.time() - start) / 60,
         "steps": cli.trainer.global_step,
+        "eval_samples": cli.datamodule.eval_samples,
         "student_tokens": cli.datamodule.counters.student_tokens,
         "start": report.start["student"],
         "end": report.end["student"],
@@ -65,11 +66,17 @@ def run_means(log_dir: str, tags: tuple[str, ...]) -> dict[str, float]:
     return {tag: statistics.fmean(e.value for e in events.Scalars(tag)) for tag in tags if tag in available}
 
 
+def _k(results: list[dict[str, object]]) -> str:
+    """The number of samples behind the mean accuracy ("k" when the runs differ)."""
+    ks = {r.get("eval_samples") for r in results}
+    return str(ks.pop()) if len(ks) == 1 else "k"
+
+
 def seed_table(results: list[dict[str, object]], scalars: tuple[str, ...]) -> str:
     """Mean and spread over seeds, one row per config."""
     skills = [*SKILL_GRAPH, "all"]
     names = list(dict.fromkeys(str(r["name"]) for r in results))
-    head = "| config | seeds | minutes | " + " | ".join(f"{s} greedy" for s in skills) + " | all mean@8 | forgotten | retained | " + " | ".join(scalars) + " |"
+    head = "| config | seeds | minutes | " + " | ".join(f"{s} greedy" for s in skills) + f" | all mean@{_k(results)} | forgotten | retained | " + " | ".join(scalars) + " |"
     rule = "|" + "---|" * (len(skills) + 6 + len(scalars))
     rows = []
 
@@ -92,7 +99,7 @@ def seed_table(results: list[dict[str, object]], scalars: tuple[str, ...]) -> st
 def table(results: list[dict[str, object]]) -> str:
     skills = [*SKILL_GRAPH, "all"]
     scalars = list(dict.fromkeys(t for r in results for t in r.get("scalars", {})))
-    head = "| config | steps | student rollout tokens | minutes | " + " | ".join(f"{s} greedy" for s in skills) + " | all mean@8 | forgotten |"
+    head = "| config | steps | student rollout tokens | minutes | " + " | ".join(f"{s} greedy" for s in skills) + f" | all mean@{_k(results)} | forgotten |"
     head += "".join(f" {t} |" for t in scalars)
     rule = "|" + "---|" * (len(skills) + 6 + len(scalars))
     rows = []
