@@ -167,3 +167,18 @@ def test_fit_with_vllm_has_zero_policy_lag(tiny_student: str) -> None:
     assert all(s > 0 for s in syncs.sync_seconds)  # one sync per optimizer step (and the first)
     # Starting vLLM in this process must leave training's thread settings alone.
     assert torch.set_num_threads is set_num_threads and torch.get_num_threads() == threads
+
+
+def test_many_seeded_samples_past_one_step_token_budget(engine: VLLMEngine, tiny_student: str) -> None:
+    """More prompt tokens than vLLM schedules in one step: on CPU a prompt prefilled in chunks
+    would make vLLM rewind a seeded CPU generator, which fails; whole prompts are prefilled."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_student)
+    prompts = [tokenizer(f"{i}+{i}=?\n" * 8, add_special_tokens=False)["input_ids"] for i in range(300)]
+    assert sum(len(p) for p in prompts) * 8 > 8192  # n = 8 samples of each
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=4)
+    torch.manual_seed(0)
+    first = engine.generate(prompts, 8, sampling)
+    torch.manual_seed(0)
+    again = engine.generate(prompts, 8, sampling)
+    assert [[c.token_ids for c in g] for g in first] == [[c.token_ids for c in g] for g in again]
+    assert all(len(g) == 8 and all(c.token_ids and len(c.logprobs) == len(c.token_ids) for c in g) for g in first)

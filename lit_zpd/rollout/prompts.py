@@ -66,9 +66,9 @@ class PromptFormat:
 
 
 def context_length(model: Any) -> int | None:
-    """The longest sequence ``model`` takes (its config's ``max_position_embeddings`` or
-    ``n_positions``); ``None`` when it states none."""
-    config = getattr(model, "config", None)
+    """The longest sequence ``model`` (or a model config) takes: its config's
+    ``max_position_embeddings`` or ``n_positions``; ``None`` when it states none."""
+    config = getattr(model, "config", model)
     for name in ("max_position_embeddings", "n_positions"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:

@@ -125,6 +125,13 @@ class VLLMEngine(RolloutEngine):
         self.vocab_size = vocab_size
         on_cpu = current_platform.is_cpu()
         kv_gib = self.settings.kv_cache_space_gib or (1.0 if on_cpu else None)
+        scheduling = {}
+        if on_cpu:
+            # A seeded request whose prompt is prefilled in chunks samples tokens that vLLM throws
+            # away by rewinding the request's generator, which a CPU generator cannot do ("CPU
+            # Generator does not use offset"). Whole prompts per step avoid it.
+            length = self.settings.max_model_len or _context_length(model_dir) or 8192
+            scheduling = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(length, 8192)}
         with _process_state_kept():
             self.llm = vllm.LLM(
                 model_dir,
@@ -139,6 +146,7 @@ class VLLMEngine(RolloutEngine):
                 enforce_eager=self.settings.enforce_eager,
                 tensor_parallel_size=self.settings.tensor_parallel_size,
                 enable_prefix_caching=self.settings.enable_prefix_caching,
+                **scheduling,
             )
         head_size = self.llm.llm_engine.model_config.get_vocab_size()
         if vocab_size > head_size:
@@ -242,6 +250,15 @@ def _refresh_tied_heads(worker: Any) -> None:
     for module in model.modules():
         if isinstance(module, VocabParallelEmbedding) and owners.get(id(module.weight), 0) > 1:
             module.quant_method.process_weights_after_loading(module)
+
+
+def _context_length(model_dir: str) -> int | None:
+    """The context length in a model directory's config, if it states one."""
+    from transformers import AutoConfig
+
+    from lit_zpd.rollout.prompts import context_length
+
+    return context_length(AutoConfig.from_pretrained(model_dir))
 
 
 def _completion(output: Any) -> Completion:
