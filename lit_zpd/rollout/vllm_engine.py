@@ -270,6 +270,8 @@ def _completion(output: Any) -> Completion:
 def _import_vllm() -> Any:
     # The engine must live in this process: weight sync hands it tensors, not files.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    # vLLM logs every weight sync at INFO; set VLLM_LOGGING_LEVEL=INFO to see them.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     try:
         import vllm
         import vllm.inputs
