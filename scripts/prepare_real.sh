@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The real SmolLM2 pair of docs/real.md, from the GGUF file that scripts/install.sh brings from PyPI
 # (nothing is downloaded here). Each step is skipped when its output exists, so a run that stopped
-# goes on where it stopped. About 25 minutes on 2 CPU cores.
+# goes on where it stopped. About 30 minutes on 2 CPU cores.
 #
 #   logs/real/smollm2       SmolLM2-135M-Instruct as a plain model directory (lit-zpd convert)
 #   logs/real/teacher       SmolLM2 after SFT on the curriculum's references (configs/real/teacher_sft.yaml)
