@@ -38,7 +38,10 @@ class LossConfig:
         dual_clip: Dual-clip constant (> 1) or ``None``.
         aggregation: ``sample``: mean over samples of each sample's token mean; ``token``: mean over
             all response tokens of the batch.
-        chunk_size: Tokens per chunk when building logits from hidden states.
+        chunk_size: Tokens per chunk of the fused losses, which build logits from hidden states
+            one chunk at a time; ``None`` chooses it from the vocabulary and hidden size so that a
+            chunk's working memory stays near 256 MiB (:func:`~lit_zpd.losses.default_chunk_size`:
+            1,024 tokens at a 32k vocabulary, 55 at 151,936).
     """
 
     sft: float = 0.0
@@ -54,7 +57,7 @@ class LossConfig:
     clip_high: float = 0.2
     dual_clip: float | None = None
     aggregation: Aggregation = "sample"
-    chunk_size: int = 1024
+    chunk_size: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("sft", *DIVERGENCES, *ROLLOUT_TERMS):
@@ -68,8 +71,8 @@ class LossConfig:
             raise ValueError(f"model.loss.temperature must be > 0, got {self.temperature}")
         if self.entry_clip is not None and not self.entry_clip > 0:
             raise ValueError(f"model.loss.entry_clip must be > 0 or null, got {self.entry_clip}")
-        if self.chunk_size < 1:
-            raise ValueError(f"model.loss.chunk_size must be >= 1, got {self.chunk_size}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"model.loss.chunk_size must be >= 1 or null, got {self.chunk_size}")
         if self.aggregation not in ("sample", "token"):
             raise ValueError(f"model.loss.aggregation must be 'sample' or 'token', got {self.aggregation!r}")
         for name in ("clip_low", "clip_high"):

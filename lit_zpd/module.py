@@ -19,7 +19,7 @@ callback attached; rollout logging and the start/end report are callbacks
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import peft
 import torch
@@ -34,17 +34,24 @@ from typing_extensions import override
 from lit_zpd.assets import resolve
 from lit_zpd.loss_config import DIVERGENCES, ROLLOUT_TERMS, TEACHER_TERMS, LossConfig
 from lit_zpd.losses import (
-    aggregate,
-    chunked_token_divergence,
-    chunked_token_logprobs,
+    LinearHead,
     clipped_policy_loss,
+    linear_divergence,
+    linear_logprob_loss,
+    linear_token_logprobs,
     sampled_token_kl_advantage,
+    token_weights,
 )
+from lit_zpd.micro_batch import micro_batched, row_parts
 from lit_zpd.model_files import load_causal_lm, load_tokenizer
 from lit_zpd.rollout.batch import EvalBatch, RolloutBatch
 from lit_zpd.teacher import SELF_TEACHERS, AdaptersDisabled, evaluating, load_teacher
 
 __all__ = ["DIVERGENCES", "ROLLOUT_TERMS", "TEACHER_TERMS", "DistillModule", "LoraSettings", "LossConfig"]
+
+Precision = Literal["float32", "bfloat16", "float16"]
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 @dataclass
 class LoraSettings:
@@ -82,6 +89,18 @@ class DistillModule(LightningModule):
         init_seed: Seed of that initialisation.
         loss: Loss coefficients and settings; ``None`` means SFT only. Coefficients not given are 0.
         lora: Train LoRA adapters instead of all weights.
+        student_dtype: The dtype the student's weights are stored and trained in. ``bfloat16`` or
+            ``float16`` halve its memory but the optimizer then updates low-precision weights;
+            to keep float32 weights and compute in bfloat16 use ``trainer.precision: bf16-mixed``
+            with ``float32`` here (see the README's precision section).
+        teacher_dtype: The dtype of a teacher loaded from a directory (it never trains, so
+            ``bfloat16`` halves its memory at little cost); ``None``: the student's. A self-teacher
+            is the student's weights and has the student's dtype.
+        gradient_checkpointing: Recompute the student's decoder activations in backward instead of
+            keeping them (Hugging Face gradient checkpointing): less memory, about one more forward.
+        micro_batch_size: Rows per forward/backward inside one optimizer step; the loss and
+            gradient equal one pass over the whole batch (:mod:`lit_zpd.micro_batch`). ``None``: all
+            rows at once.
         optimizer: Optimizer factory (LightningCLI: ``class_path`` and ``init_args``).
         lr_scheduler: Learning-rate scheduler factory, stepped after every optimizer step.
 
@@ -100,11 +119,23 @@ class DistillModule(LightningModule):
         init_seed: int = 0,
         loss: LossConfig | None = None,
         lora: LoraSettings | None = None,
+        student_dtype: Precision = "float32",
+        teacher_dtype: Precision | None = None,
+        gradient_checkpointing: bool = False,
+        micro_batch_size: int | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        for key, value in (("student_dtype", student_dtype), ("teacher_dtype", teacher_dtype)):
+            if value is not None and value not in DTYPES:
+                raise ValueError(f"model.{key} must be one of {sorted(DTYPES)}, got {value!r}")
+        if teacher_dtype not in (None, student_dtype) and teacher in SELF_TEACHERS:
+            raise ValueError(f"model.teacher_dtype: {teacher} is the student's weights, in model.student_dtype={student_dtype}")
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ValueError(f"model.micro_batch_size must be >= 1 or null, got {micro_batch_size}")
+        self.micro_batch_size = micro_batch_size
         loss = loss if loss is not None else LossConfig(sft=1.0)
         if loss.active.keys() & set(TEACHER_TERMS) and teacher is None:
             raise ValueError(f"model.loss uses {sorted(loss.active.keys() & set(TEACHER_TERMS))}: set model.teacher")
@@ -112,7 +143,9 @@ class DistillModule(LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.tokenizer = load_tokenizer(resolve(tokenizer or student))  # pad token = EOS when it has none
-        self.student = _load_student(resolve(student), init_from_config, init_seed)
+        self.student = _load_student(resolve(student), init_from_config, init_seed).to(DTYPES[student_dtype])
+        if gradient_checkpointing:
+            self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if lora is not None:
             self.student = peft.get_peft_model(
                 self.student,
@@ -122,6 +155,8 @@ class DistillModule(LightningModule):
                 ),
             )
         view = load_teacher(resolve(teacher), self.student, self.tokenizer) if teacher is not None else None
+        if isinstance(view, PreTrainedModel) and teacher not in SELF_TEACHERS:
+            view.to(DTYPES[teacher_dtype or student_dtype])
         # Only a teacher with weights of its own is a submodule (frozen, kept out of checkpoints);
         # a view of the student must not alias the student's weights in the state dict.
         self.teacher_model = view if isinstance(view, nn.Module) and view is not self.student else None
@@ -181,58 +216,99 @@ class DistillModule(LightningModule):
         """The weighted loss of one batch. Returns ``{"loss": ..., "terms": {name: value}}``: the
         terms and diagnostics (detached, this rank's) reach callbacks' ``on_train_batch_end``."""
         cfg = batch.loss or self.loss_config
-        terms, diagnostics = self.loss_terms(batch, cfg)
-        loss = sum(cfg.active[name] * value for name, value in terms.items())
+        loss, terms, diagnostics = self.step_loss(batch, cfg)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch.size, sync_dist=True)
         for name, value in (terms | diagnostics).items():
             self.log(f"train/{name}", value, batch_size=batch.size, sync_dist=True)
-        return {"loss": loss, "terms": {name: value.detach() for name, value in (terms | diagnostics).items()}}
+        return {"loss": loss, "terms": terms | diagnostics}
 
     def loss_terms(self, batch: RolloutBatch, cfg: LossConfig | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Every active loss term as a scalar (before its coefficient), and diagnostics to log."""
+        """Every active loss term as a scalar (before its coefficient), and diagnostics to log, from
+        one pass over all rows."""
         cfg = cfg or batch.loss or self.loss_config
+        self._check_batch(batch, cfg)
         mask = batch.response_mask[:, 1:].bool()  # (B, T-1): positions that predict a response token
+        coefficients = token_weights(mask, batch.weights, cfg.aggregation)  # (B, T-1)
+        return self._row_terms(batch, coefficients, int(mask.sum()), cfg)
+
+    def _check_batch(self, batch: RolloutBatch, cfg: LossConfig) -> None:
+        if cfg.active.keys() & set(TEACHER_TERMS) and self.teacher is None:
+            raise ValueError(f"the loss uses {sorted(cfg.active.keys() & set(TEACHER_TERMS))}: set model.teacher")
+        if (cfg.policy or cfg.on_policy_distill) and batch.sampling_logprobs is None:
+            raise ValueError(f"the loss uses {sorted(cfg.active.keys() & set(ROLLOUT_TERMS))}, which need student rollouts")
+        self._warn_if_self_teacher_sees_the_student_prompt(batch, cfg)
+
+    def step_loss(self, batch: RolloutBatch, cfg: LossConfig) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+        """The weighted loss of ``batch``, its terms and diagnostics (both detached).
+
+        With ``micro_batch_size`` the rows go through the models that many at a time
+        (:mod:`lit_zpd.micro_batch`); every term is a sum over rows with coefficients fixed for
+        the whole batch, so the loss and its gradient are those of one pass."""
+        self._check_batch(batch, cfg)
+        mask = batch.response_mask[:, 1:].bool()
+        coefficients = token_weights(mask, batch.weights, cfg.aggregation)
+        n_tokens = int(mask.sum())
+        parts = row_parts(batch.size, self.micro_batch_size)
+        if len(parts) == 1:
+            terms, diagnostics = self._row_terms(batch, coefficients, n_tokens, cfg)
+            loss = sum(cfg.active[name] * value for name, value in terms.items())
+            return loss, {k: v.detach() for k, v in terms.items()}, {k: v.detach() for k, v in diagnostics.items()}
+
+        def part(rows: list[int]) -> tuple[Tensor, dict[str, Tensor]]:
+            terms, diagnostics = self._row_terms(batch.take(rows), coefficients[rows], n_tokens, cfg)
+            loss = sum(cfg.active[name] * value for name, value in terms.items())
+            return loss, terms | {f"diagnostics/{k}": v for k, v in diagnostics.items()}
+
+        loss, logged = micro_batched(part, parts, [p for p in self.student.parameters() if p.requires_grad])
+        terms = {k: v for k, v in logged.items() if not k.startswith("diagnostics/")}
+        diagnostics = {k.removeprefix("diagnostics/"): v for k, v in logged.items() if k.startswith("diagnostics/")}
+        return loss, terms, diagnostics
+
+    def _row_terms(
+        self, batch: RolloutBatch, coefficients: Tensor, n_tokens: int, cfg: LossConfig
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The terms' shares from ``batch``'s rows: ``coefficients`` ``(B, T-1)`` are the token
+        weights of these rows within the whole step, ``n_tokens`` the step's response tokens."""
+        mask = batch.response_mask[:, 1:].bool()
         targets = batch.input_ids[:, 1:][mask]  # (N,)
+        weights = coefficients[mask]  # (N,)
         hidden = _final_hidden(self.student, batch.input_ids, batch.attention_mask)[:, :-1][mask]  # (N, H)
         head = _head(self.student, len(self.tokenizer))
-
-        def reduce(values: Tensor) -> Tensor:  # (N,) -> scalar, weighted per sample
-            per_token = values.new_zeros(mask.shape)
-            per_token[mask] = values
-            return aggregate(per_token, mask, batch.weights, cfg.aggregation)
-
+        chunk = cfg.chunk_size
         terms: dict[str, Tensor] = {}
         diagnostics: dict[str, Tensor] = {}
         if cfg.sft:
-            terms["sft"] = reduce(-chunked_token_logprobs(hidden, head, targets, 1.0, cfg.chunk_size))
+            terms["sft"], _ = linear_logprob_loss(hidden, head, targets, lambda lp, r: -(weights[r] * lp).sum(), 1.0, chunk)
         if cfg.active.keys() & set(TEACHER_TERMS):
-            if self.teacher is None:
-                raise ValueError(f"the loss uses {sorted(cfg.active.keys() & set(TEACHER_TERMS))}: set model.teacher")
             t_hidden, t_head = self._teacher_hidden(batch, targets.shape[0])
         for name, beta in (("forward_kl", 0.0), ("reverse_kl", 1.0), ("jsd", cfg.jsd_beta)):
             if getattr(cfg, name):
-                values, unclipped = chunked_token_divergence(
-                    hidden, head, t_hidden, t_head, beta, cfg.temperature, cfg.chunk_size, cfg.entry_clip
+                terms[name], _, unclipped = linear_divergence(
+                    hidden, head, t_hidden, t_head, weights, beta, cfg.temperature, cfg.entry_clip, chunk
                 )
-                terms[name] = reduce(values)
                 if cfg.entry_clip is not None:
-                    diagnostics[f"{name}_unclipped"] = reduce(unclipped)
+                    diagnostics[f"{name}_unclipped"] = (weights * unclipped).sum()
         if cfg.policy or cfg.on_policy_distill:
-            if batch.sampling_logprobs is None:
-                raise ValueError(f"the loss uses {sorted(cfg.active.keys() & set(ROLLOUT_TERMS))}, which need student rollouts")
-            old = batch.sampling_logprobs[:, 1:][mask]
-            logp = chunked_token_logprobs(hidden, head, targets, batch.sampling_temperature, cfg.chunk_size)
+            old = batch.sampling_logprobs[:, 1:][mask]  # type: ignore[index]
             clip = {"clip_low": cfg.clip_low, "clip_high": cfg.clip_high, "dual_clip": cfg.dual_clip}
+            temperature = batch.sampling_temperature
             if cfg.policy:
                 advantages = batch.advantages[:, None].expand_as(mask)[mask]
-                terms["policy"] = reduce(clipped_policy_loss(logp, old, advantages, **clip))
+                terms["policy"], _ = linear_logprob_loss(
+                    hidden, head, targets,
+                    lambda lp, r: (weights[r] * clipped_policy_loss(lp, old[r], advantages[r], **clip)).sum(),
+                    temperature, chunk,
+                )
             if cfg.on_policy_distill:
-                with torch.no_grad():
-                    student_lp = chunked_token_logprobs(hidden, head, targets, 1.0, cfg.chunk_size)
-                    teacher_lp = chunked_token_logprobs(t_hidden, t_head, targets, 1.0, cfg.chunk_size)
-                advantages = sampled_token_kl_advantage(student_lp, teacher_lp)
-                terms["on_policy_distill"] = reduce(clipped_policy_loss(logp, old, advantages, **clip))
-                diagnostics["sampled_reverse_kl"] = -advantages.mean()
+                student_lp = linear_token_logprobs(hidden, head, targets, 1.0, chunk)
+                teacher_lp = linear_token_logprobs(t_hidden, t_head, targets, 1.0, chunk)
+                kl_advantages = sampled_token_kl_advantage(student_lp, teacher_lp)
+                terms["on_policy_distill"], _ = linear_logprob_loss(
+                    hidden, head, targets,
+                    lambda lp, r: (weights[r] * clipped_policy_loss(lp, old[r], kl_advantages[r], **clip)).sum(),
+                    temperature, chunk,
+                )
+                diagnostics["sampled_reverse_kl"] = -kl_advantages.sum() / max(1, n_tokens)
         return terms, diagnostics
 
     @torch.no_grad()
@@ -243,15 +319,20 @@ class DistillModule(LightningModule):
         mask = batch.response_mask[:, 1:].bool()
         targets = batch.input_ids[:, 1:][mask]
         t_hidden, t_head = self._teacher_hidden(batch, targets.shape[0])
-        return chunked_token_logprobs(t_hidden, t_head, targets, temperature, self.loss_config.chunk_size)
+        return linear_token_logprobs(t_hidden, t_head, targets, temperature, self.loss_config.chunk_size)
 
-    def _teacher_hidden(self, batch: RolloutBatch, n_tokens: int) -> tuple[Tensor, Any]:
-        if self.teacher_kind in SELF_TEACHERS and batch.teacher_input_ids is batch.input_ids and not self._warned_self:
+    def _warn_if_self_teacher_sees_the_student_prompt(self, batch: RolloutBatch, cfg: LossConfig) -> None:
+        if (
+            self.teacher_kind in SELF_TEACHERS and cfg.active.keys() & set(TEACHER_TERMS)
+            and batch.teacher_input_ids is batch.input_ids and not self._warned_self
+        ):
             self._warned_self = True
             rank_zero_warn(
                 f"model.teacher: {self.teacher_kind} sees exactly what the student sees (no privileged teacher prompt "
                 "in the batch): the divergence to it carries no signal"
             )
+
+    def _teacher_hidden(self, batch: RolloutBatch, n_tokens: int) -> tuple[Tensor, LinearHead]:
         t_mask = batch.teacher_response_mask[:, 1:].bool()
         with torch.no_grad(), evaluating(self.teacher):
             t_hidden = _final_hidden(self.teacher, batch.teacher_input_ids, batch.teacher_attention_mask)
@@ -294,9 +375,9 @@ def _final_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -
     return model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
-def _head(model: nn.Module, vocab: int) -> Any:
+def _head(model: Any, vocab: int) -> LinearHead:
     """The output head restricted to the tokenizer's ids (heads are often padded past them)."""
     head = model.get_output_embeddings()
-    return lambda h: head(h)[..., :vocab]
+    return LinearHead.of(getattr(head, "linear", head), vocab)
 
 

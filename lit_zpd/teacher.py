@@ -100,6 +100,11 @@ class _HeadOff:
     def out_features(self) -> int:
         return self.head.out_features
 
+    @property
+    def linear(self) -> nn.Module:
+        """The head as the adapters-off forward computes it: a LoRA layer's base layer."""
+        return getattr(self.head, "base_layer", self.head)
+
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         with self.view._off():
             return self.head(hidden)

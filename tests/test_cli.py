@@ -160,3 +160,25 @@ def test_cli_resume_matches_an_uninterrupted_run(name: str, tmp_path: Path) -> N
     # The report's start is the run's real start, kept across the resume; its end is the same.
     reports = [next(c for c in cli.trainer.callbacks if isinstance(c, AccuracyReport)) for cli in (full, resumed)]
     assert reports[0].start == reports[1].start and reports[0].end == reports[1].end
+
+
+def test_threads_follow_the_cpu_quota_and_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from lit_zpd.cli import available_cpus, configure_threads
+
+    before = torch.get_num_threads()
+    quota = tmp_path / "cpu.max"
+    quota.write_text("150000 100000\n")  # 1.5 CPUs: 2 threads at most
+    assert available_cpus(quota) == min(2, len(os.sched_getaffinity(0)))
+    quota.write_text("max 100000\n")
+    assert available_cpus(quota) == len(os.sched_getaffinity(0))
+    assert available_cpus(tmp_path / "missing") == len(os.sched_getaffinity(0))
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert configure_threads() == 1 and torch.get_num_threads() == 1
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * available_cpus()))
+        assert configure_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -32,3 +32,26 @@ def test_mixed_lengths_come_back_in_prompt_order(tiny_student: str) -> None:
     assert [c[0].token_ids for c in together] == [c[0].token_ids for c in alone]
     for got, want in zip(together, alone):
         assert got[0].logprobs == pytest.approx(want[0].logprobs, abs=1e-4)
+
+
+def test_sampled_logprobs_equal_a_teacher_forced_forward(tiny_student: str) -> None:
+    """The step-by-step recorder gives each sampled token's log-probability at the sampling
+    temperature, as a forward pass over prompt + completion computes it."""
+    import torch
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_student)
+    model = AutoModelForCausalLM.from_pretrained(tiny_student).eval()
+    engine = HFEngine(model, tokenizer.pad_token_id, tokenizer.eos_token_id, len(tokenizer))
+    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("1+1=", "12*3=")]
+    torch.manual_seed(0)
+    out = engine.generate(prompts, 3, SamplingConfig(temperature=0.7, max_new_tokens=8))
+    lengths = set()
+    for prompt, completions in zip(prompts, out):
+        for c in completions:
+            lengths.add(len(c.token_ids))
+            ids = torch.tensor([prompt + c.token_ids])
+            with torch.no_grad():
+                logits = model(ids).logits[0, len(prompt) - 1 : -1, : len(tokenizer)] / 0.7
+            want = torch.log_softmax(logits, -1).gather(-1, torch.tensor(c.token_ids)[:, None]).squeeze(-1)
+            assert c.logprobs == pytest.approx(want.tolist(), abs=1e-4)
+    assert all(length > 0 for length in lengths)

@@ -10,15 +10,19 @@ from torch import Tensor, nn
 
 from lit_zpd.losses import (
     aggregate,
-    chunked_token_divergence,
-    chunked_token_logprobs,
+    LinearHead,
     clipped_policy_loss,
+    default_chunk_size,
     forward_kl,
     generalized_jsd,
     group_advantages,
     reverse_kl,
     sampled_token_kl_advantage,
+    linear_divergence,
+    linear_logprob_loss,
+    linear_token_logprobs,
     token_logprobs,
+    token_weights,
 )
 
 torch.set_num_threads(1)
@@ -153,34 +157,51 @@ def _heads() -> tuple[nn.Linear, nn.Linear]:
     return nn.Linear(_H, _V), nn.Linear(_H + 2, _V)
 
 
-def _grads(out: Tensor, inputs: list[Tensor], upstream: Tensor) -> list[Tensor]:
-    return list(torch.autograd.grad((out * upstream).sum(), inputs))
+def _grads(out: Tensor, inputs: list[Tensor]) -> list[Tensor]:
+    return list(torch.autograd.grad(out, inputs))
 
 
 @pytest.mark.parametrize("entry_clip", [None, 0.05])
 @pytest.mark.parametrize("chunk_size", [1, 3, _N, _N + 5])
-@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-def test_chunked_divergence_equals_full(chunk_size: int, beta: float, entry_clip: float | None) -> None:
+@pytest.mark.parametrize("beta", [0.0, 0.3, 0.5, 1.0])
+def test_fused_divergence_equals_plain(chunk_size: int, beta: float, entry_clip: float | None) -> None:
     s_head, t_head = _heads()
     g = torch.Generator().manual_seed(3)
     s_hidden = torch.randn(_N, _H, generator=g, requires_grad=True)
     t_hidden = torch.randn(_N, _H + 2, generator=g)
-    upstream = torch.rand(_N, generator=g)
+    weights = torch.rand(_N, generator=g)
     inputs = [s_hidden, s_head.weight, s_head.bias]
 
-    full = generalized_jsd(s_head(s_hidden), t_head(t_hidden), beta, temperature=0.9, entry_clip=entry_clip)
-    want = _grads(full, inputs, upstream)
-    chunked, unclipped = chunked_token_divergence(
-        s_hidden, s_head, t_hidden, t_head, beta, 0.9, chunk_size, entry_clip=entry_clip
+    plain = generalized_jsd(s_head(s_hidden), t_head(t_hidden), beta, temperature=0.9, entry_clip=entry_clip)
+    want = _grads((weights * plain).sum(), inputs)
+    loss, per_token, unclipped = linear_divergence(
+        s_hidden, LinearHead.of(s_head), t_hidden, LinearHead.of(t_head), weights, beta, 0.9, entry_clip, chunk_size
     )
-    got = _grads(chunked, inputs, upstream)
+    got = _grads(loss, inputs)
 
-    _close(chunked, full)
+    _close(loss, (weights * plain).sum())
+    _close(per_token, plain)
     _close(unclipped, generalized_jsd(s_head(s_hidden), t_head(t_hidden), beta, temperature=0.9))
-    assert not unclipped.requires_grad
+    assert not per_token.requires_grad and not unclipped.requires_grad
     for a, b in zip(got, want, strict=True):
         assert a.abs().sum() > 0
         _close(a, b)
+
+
+def test_fused_divergence_scales_with_the_upstream_gradient_and_reads_a_padded_head() -> None:
+    """A head padded past the tokenizer (V' > V) and a loss used with a coefficient."""
+    g = torch.Generator().manual_seed(8)
+    s_head, t_head = nn.Linear(_H, _V + 3, bias=False), nn.Linear(_H, _V + 3, bias=False)
+    hidden = torch.randn(_N, _H, generator=g, requires_grad=True)
+    t_hidden = torch.randn(_N, _H, generator=g)
+    weights = torch.rand(_N, generator=g)
+    plain = generalized_jsd(s_head(hidden)[:, :_V], t_head(t_hidden)[:, :_V], 1.0)
+    want = _grads(2.5 * (weights * plain).sum(), [hidden, s_head.weight])
+    loss, _, _ = linear_divergence(hidden, LinearHead.of(s_head, _V), t_hidden, LinearHead.of(t_head, _V), weights, 1.0, chunk_size=4)
+    got = _grads(2.5 * loss, [hidden, s_head.weight])
+    for a, b in zip(got, want, strict=True):
+        _close(a, b)
+    assert torch.equal(got[1][_V:], torch.zeros(3, _H))  # padding rows get no gradient
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
@@ -205,50 +226,80 @@ def test_entry_clip_keeps_negative_entries_and_stops_their_gradient_only_where_i
     _close(s.grad, torch.tensor([[0.125, -0.125]]))
 
 
-def test_chunked_divergence_gives_teacher_no_gradient() -> None:
+def test_fused_divergence_gives_teacher_no_gradient() -> None:
     s_head, t_head = _heads()
-    out, _ = chunked_token_divergence(torch.randn(_N, _H), s_head, torch.randn(_N, _H + 2), t_head, chunk_size=3)
-    out.sum().backward()
+    loss, _, _ = linear_divergence(
+        torch.randn(_N, _H), LinearHead.of(s_head), torch.randn(_N, _H + 2), LinearHead.of(t_head), torch.ones(_N), chunk_size=3
+    )
+    loss.backward()
     assert t_head.weight.grad is None
     assert s_head.weight.grad is not None
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, _N, _N + 5])
-def test_chunked_logprobs_equal_full(chunk_size: int) -> None:
+def test_fused_logprob_losses_equal_plain(chunk_size: int) -> None:
+    """SFT's weighted NLL and a clipped policy surrogate (non-linear in the log-probability)."""
     head, _ = _heads()
     g = torch.Generator().manual_seed(4)
     hidden = torch.randn(_N, _H, generator=g, requires_grad=True)
     targets = torch.randint(0, _V, (_N,), generator=g)
-    upstream = torch.rand(_N, generator=g)
+    weights = torch.rand(_N, generator=g)
+    old = torch.log_softmax(torch.randn(_N, _V, generator=g), -1)[torch.arange(_N), targets]
+    advantages = torch.randn(_N, generator=g)
     inputs = [hidden, head.weight, head.bias]
 
-    full = token_logprobs(head(hidden), targets, temperature=1.3)
+    plain = token_logprobs(head(hidden), targets, temperature=1.3)
     manual = torch.log_softmax(head(hidden).double() / 1.3, -1)[torch.arange(_N), targets]
-    _close(full, manual)
-    want = _grads(full, inputs, upstream)
-    chunked = chunked_token_logprobs(hidden, head, targets, temperature=1.3, chunk_size=chunk_size)
-    got = _grads(chunked, inputs, upstream)
+    _close(plain, manual)
+    losses = {
+        "sft": (lambda lp, r: -(weights[r] * lp).sum()),
+        "policy": (lambda lp, r: (weights[r] * clipped_policy_loss(lp, old[r], advantages[r], 0.1, 0.1)).sum()),
+    }
+    for name, token_loss in losses.items():
+        want_loss = token_loss(token_logprobs(head(hidden), targets, temperature=1.3), slice(None))
+        want = _grads(want_loss, inputs)
+        loss, logprobs = linear_logprob_loss(hidden, LinearHead.of(head), targets, token_loss, 1.3, chunk_size)
+        got = _grads(loss, inputs)
+        _close(loss, want_loss)
+        _close(logprobs, plain)
+        for a, b in zip(got, want, strict=True):
+            assert a.abs().sum() > 0, name
+            _close(a, b)
+    _close(linear_token_logprobs(hidden, LinearHead.of(head), targets, 1.3, chunk_size), plain)
 
-    _close(chunked, full)
-    for a, b in zip(got, want, strict=True):
-        assert a.abs().sum() > 0
-        _close(a, b)
+
+def test_default_chunk_size_follows_the_vocabulary() -> None:
+    assert default_chunk_size(151_936, 1024) < 64 < default_chunk_size(32_000, 512)
+    assert default_chunk_size(10**9, 1) == 1
+    assert default_chunk_size(151_936, 1024, budget_bytes=2 * default_chunk_size(151_936, 1024) * 4 * (8 * 151_936 + 2048)) >= 2
 
 
 def test_chunk_size_zero_raises() -> None:
     s_head, t_head = _heads()
     with pytest.raises(ValueError, match="chunk_size"):
-        chunked_token_divergence(torch.randn(_N, _H), s_head, torch.randn(_N, _H + 2), t_head, chunk_size=0)
+        linear_divergence(torch.randn(_N, _H), LinearHead.of(s_head), torch.randn(_N, _H + 2), LinearHead.of(t_head), torch.ones(_N), chunk_size=-1)
     with pytest.raises(ValueError, match="chunk_size"):
-        chunked_token_logprobs(torch.randn(_N, _H), s_head, torch.zeros(_N, dtype=torch.long), chunk_size=0)
+        linear_token_logprobs(torch.randn(_N, _H), LinearHead.of(s_head), torch.zeros(_N, dtype=torch.long), chunk_size=-1)
 
 
-def test_empty_input_returns_empty() -> None:
+def test_a_head_that_is_not_linear_is_named() -> None:
+    with pytest.raises(TypeError, match="lm_head out of model.lora.target_modules"):
+        LinearHead.of(nn.Sequential(nn.Linear(_H, _V)))
+
+
+@pytest.mark.parametrize("rows", [0, 3])
+def test_empty_and_all_masked_inputs_give_zero_loss_and_zero_gradient(rows: int) -> None:
+    """N = 0 (no response token in the batch) and N > 0 with every weight 0 (all masked)."""
     s_head, t_head = _heads()
-    div, unclipped = chunked_token_divergence(torch.randn(0, _H), s_head, torch.randn(0, _H + 2), t_head, chunk_size=3)
-    assert unclipped.shape == (0,)
-    lp = chunked_token_logprobs(torch.randn(0, _H), s_head, torch.zeros(0, dtype=torch.long), chunk_size=3)
-    assert div.shape == (0,) and lp.shape == (0,)
+    hidden = torch.randn(rows, _H, requires_grad=True)
+    weights = torch.zeros(rows)
+    loss, per_token, unclipped = linear_divergence(hidden, LinearHead.of(s_head), torch.randn(rows, _H + 2), LinearHead.of(t_head), weights, 0.5, chunk_size=2)
+    nll, logprobs = linear_logprob_loss(hidden, LinearHead.of(s_head), torch.zeros(rows, dtype=torch.long), lambda lp, r: -(weights[r] * lp).sum(), chunk_size=2)
+    assert per_token.shape == unclipped.shape == logprobs.shape == (rows,)
+    (loss + nll).backward()
+    assert torch.equal(loss.detach(), torch.tensor(0.0)) and torch.equal(nll.detach(), torch.tensor(0.0))
+    assert hidden.grad is not None and torch.equal(hidden.grad, torch.zeros(rows, _H))
+    assert s_head.weight.grad is not None and torch.equal(s_head.weight.grad, torch.zeros(_V, _H))
 
 
 # ---------------------------------------------------------------------------------- aggregation
@@ -293,6 +344,13 @@ def test_aggregate_ignores_masked_values(mode: str) -> None:
     assert huge.grad is not None
     assert torch.equal(huge.grad[_MASK == 0], torch.zeros(3))
     assert (huge.grad[_MASK == 1] > 0).all()
+
+
+@pytest.mark.parametrize("mode", ["sample", "token"])
+def test_token_weights_are_the_coefficients_of_aggregate(mode: str) -> None:
+    coefficients = token_weights(_MASK, _WEIGHTS, mode)  # type: ignore[arg-type]
+    _close((coefficients * _PER_TOKEN).sum(), aggregate(_PER_TOKEN, _MASK, _WEIGHTS, mode))  # type: ignore[arg-type]
+    assert torch.equal(coefficients[_MASK == 0], torch.zeros(3))
 
 
 def test_aggregate_bad_mode_raises() -> None:

@@ -148,3 +148,84 @@ def test_checkpoint_leaves_the_teacher_out(tiny_student: str, tiny_teacher: str,
     trainer.save_checkpoint(path)
     keys = torch.load(path, weights_only=False)["state_dict"].keys()
     assert keys and all(k.startswith("student.") for k in keys)
+
+
+def _gradients(module: DistillModule, batch: object, cfg: LossConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor]]:
+    module.student.zero_grad()
+    loss, terms, _ = module.step_loss(batch, cfg)  # type: ignore[arg-type]
+    loss.backward()
+    return loss.detach(), terms, [p.grad.clone() for p in module.student.parameters()]
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        LossConfig(sft=1.0, forward_kl=0.5),
+        LossConfig(jsd=1.0, entry_clip=0.05, aggregation="token"),
+        LossConfig(policy=1.0, on_policy_distill=0.5),
+    ],
+)
+def test_micro_batches_equal_one_pass_in_loss_and_gradient(tiny_student: str, tiny_teacher: str, loss: LossConfig) -> None:
+    module = DistillModule(student=tiny_student, teacher=tiny_teacher, loss=loss)
+    data = make_data(data_source="student", prompts_per_step=3, samples_per_prompt=3, verifier=OddLengthVerifier())
+    make_trainer(1).fit(module, datamodule=data)
+    batch = data.rollout(1)
+    batch.weights = torch.linspace(0.5, 2.0, batch.size)  # rows weigh differently: the coefficients must be the step's
+    want_loss, want_terms, want = _gradients(module, batch, loss)
+    for size in (1, 4):
+        module.micro_batch_size = size
+        got_loss, got_terms, got = _gradients(module, batch, loss)
+        torch.testing.assert_close(got_loss, want_loss)
+        assert got_terms.keys() == want_terms.keys()
+        for name in want_terms:
+            torch.testing.assert_close(got_terms[name], want_terms[name])
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert any(g.abs().sum() > 0 for g in want)
+
+
+def test_micro_batched_training_matches_one_pass_in_a_trainer(tiny_student: str, tiny_teacher: str) -> None:
+    """Two real runs, one with micro-batches of 2 rows: the same weights after 3 steps."""
+    states = []
+    for size in (None, 2):
+        module = DistillModule(
+            student=tiny_student, teacher=tiny_teacher, loss=LossConfig(jsd=1.0), micro_batch_size=size,
+            optimizer=lambda p: torch.optim.SGD(p, lr=0.5),
+        )
+        make_trainer(3).fit(module, datamodule=make_data(data_source="student", prompts_per_step=2, samples_per_prompt=3))
+        states.append(module.student.state_dict())
+    for key, value in states[0].items():
+        torch.testing.assert_close(states[1][key], value, atol=1e-5, rtol=1e-4)
+    assert any(not torch.equal(v, AutoModelForCausalLM.from_pretrained(tiny_student).state_dict()[k]) for k, v in states[0].items())
+
+
+def test_gradient_checkpointing_gives_the_same_gradient(tiny_student: str, tiny_teacher: str) -> None:
+    loss = LossConfig(sft=1.0, reverse_kl=1.0)
+    plain = DistillModule(student=tiny_student, teacher=tiny_teacher, loss=loss)
+    checkpointed = DistillModule(student=tiny_student, teacher=tiny_teacher, loss=loss, gradient_checkpointing=True)
+    assert checkpointed.student.is_gradient_checkpointing and not plain.student.is_gradient_checkpointing
+    data = make_data(data_source="reference", prompts_per_step=3)
+    make_trainer(1).fit(plain, datamodule=data)
+    batch = data.rollout(0)
+    checkpointed.student.load_state_dict(plain.student.state_dict())
+    _, _, want = _gradients(plain, batch, loss)
+    _, _, got = _gradients(checkpointed.train(), batch, loss)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_model_dtypes(tiny_student: str, tiny_teacher: str) -> None:
+    module = DistillModule(student=tiny_student, teacher=tiny_teacher, teacher_dtype="bfloat16", loss=LossConfig(forward_kl=1.0))
+    assert next(module.student.parameters()).dtype == torch.float32
+    assert next(module.teacher.parameters()).dtype == torch.bfloat16
+    half = DistillModule(student=tiny_student, teacher=tiny_teacher, student_dtype="bfloat16", loss=LossConfig(forward_kl=1.0))
+    assert {p.dtype for p in half.student.parameters()} == {torch.bfloat16}
+    assert next(half.teacher.parameters()).dtype == torch.bfloat16  # the student's by default
+    make_trainer(2).fit(half, datamodule=make_data(data_source="student", prompts_per_step=2))
+    assert all(torch.isfinite(p).all() for p in half.student.parameters())
+    with pytest.raises(ValueError, match="model.student_dtype"):
+        DistillModule(student=tiny_student, teacher=None, student_dtype="float8")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="model.teacher_dtype"):
+        DistillModule(student=tiny_student, teacher="self_initial", teacher_dtype="bfloat16")
+    with pytest.raises(ValueError, match="model.micro_batch_size"):
+        DistillModule(student=tiny_student, teacher=None, micro_batch_size=0)

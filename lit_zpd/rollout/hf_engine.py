@@ -1,10 +1,17 @@
-"""Rollouts with Hugging Face ``generate`` on the live model: no copy, so no weight sync."""
+"""Rollouts with Hugging Face ``generate`` on the live model: no copy, so no weight sync.
+
+The sampled tokens' log-probabilities are computed step by step by a logits processor that keeps
+one step's ``(rows, vocabulary)`` log-probabilities, instead of asking ``generate`` for every
+step's logits (``steps x rows x vocabulary`` floats: 7 GB for 64 rows of 200 tokens at a
+151,936-token vocabulary).
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers import GenerationConfig, PreTrainedModel
+from torch import Tensor
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
 from lit_zpd.rollout.engine import Completion, RolloutEngine, SamplingConfig, stop_ids
 
@@ -79,19 +86,18 @@ class HFEngine(RolloutEngine):
             pad_token_id=self.pad_token_id,
             eos_token_id=self.stop_ids,
             suppress_tokens=list(range(self.vocab_size, self.model.get_output_embeddings().out_features)) or None,
-            output_logits=sampling.logprobs,
             return_dict_in_generate=True,
         )
+        recorder = SampledLogprobs(self.vocab_size, sampling.temperature if not sampling.greedy else 1.0)
         result = self.model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config,
+            logits_processor=LogitsProcessorList([recorder]) if sampling.logprobs else None,
         )
         tokens = result.sequences[:, width:]  # (B * n, L)
         if not sampling.logprobs:
             completions = [self._trim(tokens[r].tolist(), []) for r in range(tokens.shape[0])]
             return [completions[i * n : (i + 1) * n] for i in range(len(prompts))]
-        temperature = sampling.temperature if not sampling.greedy else 1.0
-        logits = torch.stack(result.logits, dim=1)[..., : self.vocab_size].float() / temperature  # (B * n, L, V)
-        logprobs = F.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        logprobs = recorder.finish(result.sequences)  # (B * n, L)
         completions = [self._trim(tokens[r].tolist(), logprobs[r].tolist()) for r in range(tokens.shape[0])]
         return [completions[i * n : (i + 1) * n] for i in range(len(prompts))]
 
@@ -101,3 +107,38 @@ class HFEngine(RolloutEngine):
         if end is not None:
             token_ids, logprobs = token_ids[:end], logprobs[:end]
         return Completion(token_ids=token_ids, logprobs=logprobs)
+
+
+class SampledLogprobs(LogitsProcessor):
+    """Records ``log_softmax(logits[:vocab] / temperature)`` of every sampled token.
+
+    ``generate`` calls it with each step's raw scores (custom processors run before its
+    temperature and top-p warpers); the token sampled from a step's scores is the last column of
+    the next call's ``input_ids`` (of the final sequences for the last step), so only one step's
+    log-probabilities are kept.
+
+    Args:
+        vocab: Tokens the tokenizer knows; the distribution is normalised over them.
+        temperature: The sampling temperature (1 for greedy).
+    """
+
+    def __init__(self, vocab: int, temperature: float) -> None:
+        self.vocab, self.temperature = vocab, temperature
+        self.pending: Tensor | None = None  # (rows, vocab) the last step's log-probabilities
+        self.steps: list[Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self._record(input_ids[:, -1])
+        self.pending = F.log_softmax(scores[:, : self.vocab].float() / self.temperature, dim=-1)
+        return scores
+
+    def finish(self, sequences: Tensor) -> Tensor:
+        """``(rows, steps)`` the log-probabilities, given ``generate``'s output sequences."""
+        self._record(sequences[:, -1])
+        return torch.stack(self.steps, dim=1) if self.steps else sequences.new_zeros((sequences.shape[0], 0), dtype=torch.float32)
+
+    def _record(self, tokens: Tensor) -> None:
+        if self.pending is not None:
+            # Finished rows continue with padding, which may lie past the vocabulary; they are trimmed.
+            self.steps.append(self.pending.gather(-1, tokens.clamp(max=self.vocab - 1)[:, None]).squeeze(-1))
+            self.pending = None
