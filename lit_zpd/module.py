@@ -18,6 +18,7 @@ callback attached; rollout logging and the start/end report are callbacks
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -272,44 +273,48 @@ class DistillModule(LightningModule):
         mask = batch.response_mask[:, 1:].bool()
         targets = batch.input_ids[:, 1:][mask]  # (N,)
         weights = coefficients[mask]  # (N,)
-        hidden = _final_hidden(self.student, batch.input_ids, batch.attention_mask)[:, :-1][mask]  # (N, H)
+        with self._profile("distill.student_forward"):
+            hidden = _final_hidden(self.student, batch.input_ids, batch.attention_mask)[:, :-1][mask]  # (N, H)
         head = _head(self.student, len(self.tokenizer))
+        teacher = None
+        if cfg.active.keys() & set(TEACHER_TERMS):
+            with self._profile("distill.teacher_forward"):
+                teacher = self._teacher_hidden(batch, targets.shape[0])
         chunk = cfg.chunk_size
         terms: dict[str, Tensor] = {}
         diagnostics: dict[str, Tensor] = {}
-        if cfg.sft:
-            terms["sft"], _ = linear_logprob_loss(hidden, head, targets, lambda lp, r: -(weights[r] * lp).sum(), 1.0, chunk)
-        if cfg.active.keys() & set(TEACHER_TERMS):
-            t_hidden, t_head = self._teacher_hidden(batch, targets.shape[0])
-        for name, beta in (("forward_kl", 0.0), ("reverse_kl", 1.0), ("jsd", cfg.jsd_beta)):
-            if getattr(cfg, name):
-                terms[name], _, unclipped = linear_divergence(
-                    hidden, head, t_hidden, t_head, weights, beta, cfg.temperature, cfg.entry_clip, chunk
-                )
-                if cfg.entry_clip is not None:
-                    diagnostics[f"{name}_unclipped"] = (weights * unclipped).sum()
-        if cfg.policy or cfg.on_policy_distill:
-            old = batch.sampling_logprobs[:, 1:][mask]  # type: ignore[index]
-            clip = {"clip_low": cfg.clip_low, "clip_high": cfg.clip_high, "dual_clip": cfg.dual_clip}
-            temperature = batch.sampling_temperature
-            if cfg.policy:
-                advantages = batch.advantages[:, None].expand_as(mask)[mask]
-                terms["policy"], _ = linear_logprob_loss(
-                    hidden, head, targets,
-                    lambda lp, r: (weights[r] * clipped_policy_loss(lp, old[r], advantages[r], **clip)).sum(),
-                    temperature, chunk,
-                )
-            if cfg.on_policy_distill:
-                student_lp = linear_token_logprobs(hidden, head, targets, 1.0, chunk)
-                teacher_lp = linear_token_logprobs(t_hidden, t_head, targets, 1.0, chunk)
-                kl_advantages = sampled_token_kl_advantage(student_lp, teacher_lp)
-                terms["on_policy_distill"], _ = linear_logprob_loss(
-                    hidden, head, targets,
-                    lambda lp, r: (weights[r] * clipped_policy_loss(lp, old[r], kl_advantages[r], **clip)).sum(),
-                    temperature, chunk,
-                )
-                diagnostics["sampled_reverse_kl"] = -kl_advantages.sum() / max(1, n_tokens)
+        with self._profile("distill.loss"):
+            if cfg.sft:
+                terms["sft"], _ = linear_logprob_loss(hidden, head, targets, lambda lp, r: -(weights[r] * lp).sum(), 1.0, chunk)
+            for name, beta in (("forward_kl", 0.0), ("reverse_kl", 1.0), ("jsd", cfg.jsd_beta)):
+                if getattr(cfg, name):
+                    terms[name], _, unclipped = linear_divergence(
+                        hidden, head, *teacher, weights, beta, cfg.temperature, cfg.entry_clip, chunk  # type: ignore[misc]
+                    )
+                    if cfg.entry_clip is not None:
+                        diagnostics[f"{name}_unclipped"] = (weights * unclipped).sum()
+            if cfg.policy or cfg.on_policy_distill:
+                old = batch.sampling_logprobs[:, 1:][mask]  # type: ignore[index]
+                clip = {"clip_low": cfg.clip_low, "clip_high": cfg.clip_high, "dual_clip": cfg.dual_clip}
+
+                def surrogate(advantages: Tensor) -> Any:  # the clipped policy loss of a chunk's log-probs
+                    return lambda lp, r: (weights[r] * clipped_policy_loss(lp, old[r], advantages[r], **clip)).sum()
+
+                temperature = batch.sampling_temperature
+                if cfg.policy:
+                    advantages = batch.advantages[:, None].expand_as(mask)[mask]
+                    terms["policy"], _ = linear_logprob_loss(hidden, head, targets, surrogate(advantages), temperature, chunk)
+                if cfg.on_policy_distill:
+                    student_lp = linear_token_logprobs(hidden, head, targets, 1.0, chunk)
+                    teacher_lp = linear_token_logprobs(*teacher, targets, 1.0, chunk)  # type: ignore[misc]
+                    kl_advantages = sampled_token_kl_advantage(student_lp, teacher_lp)
+                    terms["on_policy_distill"], _ = linear_logprob_loss(hidden, head, targets, surrogate(kl_advantages), temperature, chunk)
+                    diagnostics["sampled_reverse_kl"] = -kl_advantages.sum() / max(1, n_tokens)
         return terms, diagnostics
+
+    def _profile(self, action: str) -> Any:
+        """A section timed by the trainer's profiler (``trainer.profiler: simple``), if attached."""
+        return self._trainer.profiler.profile(action) if self._trainer is not None else nullcontext()
 
     @torch.no_grad()
     def teacher_token_logprobs(self, batch: RolloutBatch, temperature: float = 1.0) -> Tensor:

@@ -21,7 +21,7 @@ import random
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +67,10 @@ def seeded(*keys: object) -> Iterator[None]:
         yield
 
 
+def _unprofiled(action: str) -> AbstractContextManager[None]:
+    return nullcontext()
+
+
 class RolloutContext:
     """The typed surface of the rollout pipeline (see the module doc).
 
@@ -89,6 +93,8 @@ class RolloutContext:
         world_size: Number of processes.
         pass_rates: The shared tracker; a new one if ``None``.
         counters: The run totals; new ones if ``None``.
+        profile: Names a timed section (``with profile("rollout.sampling"): ...``); the data module
+            passes the trainer's profiler (``trainer.profiler: simple`` reports them).
     """
 
     def __init__(
@@ -111,6 +117,7 @@ class RolloutContext:
         world_size: int = 1,
         pass_rates: PassRateTracker | None = None,
         counters: RolloutCounters | None = None,
+        profile: Callable[[str], AbstractContextManager[Any]] | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
@@ -132,6 +139,7 @@ class RolloutContext:
         self.counters = counters if counters is not None else RolloutCounters()
         self.policy_version = 0  # optimizer steps of the current weights; engines sync when it moves
         self.sync_seconds = 0.0  # weight-sync time since the pipeline last reset it
+        self.profile = profile or _unprofiled  # timed sections: rollout.sampling, rollout.weight_sync
         self._engine_factory = engine_factory
         self._engines: dict[int, RolloutEngine] = {}
         self._synced: dict[int, int] = {}
@@ -243,7 +251,8 @@ class RolloutContext:
             self._engines[key] = self._engine_factory(model)
         if self._synced.get(key) != self.policy_version:
             start = time.perf_counter()
-            self._engines[key].sync_weights(model)
+            with self.profile("rollout.weight_sync"):
+                self._engines[key].sync_weights(model)
             self.sync_seconds += time.perf_counter() - start
             self._synced[key] = self.policy_version
         return self._engines[key]

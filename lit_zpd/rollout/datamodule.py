@@ -230,6 +230,7 @@ class RolloutDataModule(LightningDataModule):
                 world_size=self.trainer.world_size,
                 pass_rates=self.pass_rates,
                 counters=self.counters,
+                profile=self.trainer.profiler.profile,
             )
         self._context.policy_version = self.trainer.global_step
         return self._context

@@ -202,7 +202,9 @@ class RolloutPipeline:
             model, n, sampling = ctx.teacher, self.teacher_samples_per_prompt, ctx.teacher_sampling
         teacher_side = plan.data_source == "teacher"
         prompts = [ctx.encode_prompt(s.teacher_prompt if teacher_side and s.teacher_prompt else s.student_prompt) for s in specs]
-        completions = ctx.engine_for(model).generate(prompts, n, sampling)
+        engine = ctx.engine_for(model)
+        with ctx.profile("rollout.sampling"):
+            completions = engine.generate(prompts, n, sampling)
         groups = []
         for spec, samples in zip(specs, completions):
             logprobs = [c.logprobs for c in samples] if plan.on_policy else None
@@ -240,8 +242,9 @@ class RolloutPipeline:
             return []
         sampling = self.pass_rate.sampling(ctx.sampling.max_new_tokens)
         prompts = [ctx.encode_prompt(p.prompt) for p in stale.values()]
-        with ctx.seeded("paced", plan.rollout_index):
-            completions = ctx.engine_for(ctx.student).generate(prompts, self.pass_rate.rollouts, sampling)
+        engine = ctx.engine_for(ctx.student)
+        with ctx.seeded("paced", plan.rollout_index), ctx.profile("rollout.sampling"):
+            completions = engine.generate(prompts, self.pass_rate.rollouts, sampling)
         ctx.count_student_tokens(sum(len(c.token_ids) for samples in completions for c in samples))
         return [
             ctx.score(PromptSpec(problem), [c.token_ids for c in samples]).summary(ctx.rank, on_policy=True)
