@@ -40,8 +40,8 @@ class LossConfig:
             all response tokens of the batch.
         chunk_size: Tokens per chunk of the fused losses, which build logits from hidden states
             one chunk at a time; ``None`` chooses it from the vocabulary and hidden size so that a
-            chunk's working memory stays near 256 MiB (:func:`~lit_zpd.losses.default_chunk_size`:
-            1,024 tokens at a 32k vocabulary, 55 at 151,936).
+            chunk's working memory stays near 512 MiB (:func:`~lit_zpd.losses.default_chunk_size`:
+            520 tokens at a 32k vocabulary, 110 at 151,936).
     """
 
     sft: float = 0.0

@@ -6,8 +6,8 @@ optional teacher is a frozen model sharing the student's tokenizer, or the stude
 (``teacher_input_ids``), which may hold a privileged context the student does not see. The loss is a weighted sum of
 terms chosen in YAML (:class:`LossConfig`); every term is a per-token quantity reduced with the
 batch's per-sample ``weights``. Divergences and log-probabilities are computed from the final
-hidden states chunk by chunk (see :mod:`lit_zpd.losses`), so the full ``tokens x vocabulary``
-logits tensor is never built.
+hidden states by the fused losses of :mod:`lit_zpd.losses` (loss and gradients chunk by chunk in
+the forward pass), so the full ``tokens x vocabulary`` logits tensor is never built.
 
 Batches (:class:`~lit_zpd.rollout.batch.RolloutBatch`) come from
 :class:`~lit_zpd.rollout.datamodule.RolloutDataModule`; a batch may carry the loss of its step (a
@@ -43,6 +43,7 @@ from lit_zpd.losses import (
     sampled_token_kl_advantage,
     token_weights,
 )
+from lit_zpd.forward import final_hidden, output_head
 from lit_zpd.micro_batch import micro_batched, row_parts
 from lit_zpd.model_files import load_causal_lm, load_tokenizer
 from lit_zpd.rollout.batch import EvalBatch, RolloutBatch
@@ -201,6 +202,12 @@ class DistillModule(LightningModule):
                 self.eval_metrics[f"{kind}/{skill}"] = MeanMetric()
 
     @override
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        if isinstance(batch, RolloutBatch):
+            return batch.to(device)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher_model.")}
 
@@ -274,8 +281,8 @@ class DistillModule(LightningModule):
         targets = batch.input_ids[:, 1:][mask]  # (N,)
         weights = coefficients[mask]  # (N,)
         with self._profile("distill.student_forward"):
-            hidden = _final_hidden(self.student, batch.input_ids, batch.attention_mask)[:, :-1][mask]  # (N, H)
-        head = _head(self.student, len(self.tokenizer))
+            hidden = final_hidden(self.student, batch.input_ids, batch.attention_mask)[:, :-1][mask]  # (N, H)
+        head = output_head(self.student, len(self.tokenizer))
         teacher = None
         if cfg.active.keys() & set(TEACHER_TERMS):
             with self._profile("distill.teacher_forward"):
@@ -340,11 +347,11 @@ class DistillModule(LightningModule):
     def _teacher_hidden(self, batch: RolloutBatch, n_tokens: int) -> tuple[Tensor, LinearHead]:
         t_mask = batch.teacher_response_mask[:, 1:].bool()
         with torch.no_grad(), evaluating(self.teacher):
-            t_hidden = _final_hidden(self.teacher, batch.teacher_input_ids, batch.teacher_attention_mask)
+            t_hidden = final_hidden(self.teacher, batch.teacher_input_ids, batch.teacher_attention_mask)
         t_hidden = t_hidden[:, :-1][t_mask]
         if t_hidden.shape[0] != n_tokens:
             raise RuntimeError(f"teacher sees {t_hidden.shape[0]} response tokens, the student {n_tokens}")
-        return t_hidden, _head(self.teacher, len(self.tokenizer))
+        return t_hidden, output_head(self.teacher, len(self.tokenizer))
 
     # ----------------------------------------------------------------------------- evaluation
 
@@ -373,16 +380,3 @@ def _load_student(path: str, init_from_config: bool, seed: int) -> PreTrainedMod
             torch.manual_seed(seed)
             return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return load_causal_lm(path).train()
-
-
-def _final_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """Last hidden states ``(B, T, H)`` from the decoder body, without the output head."""
-    return model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-
-def _head(model: Any, vocab: int) -> LinearHead:
-    """The output head restricted to the tokenizer's ids (heads are often padded past them)."""
-    head = model.get_output_embeddings()
-    return LinearHead.of(getattr(head, "linear", head), vocab)
-
-

@@ -113,13 +113,16 @@ class _HeadOff:
 @contextmanager
 def evaluating(model: Any) -> Iterator[None]:
     """``model`` in eval mode (no dropout) for a block, its mode restored after: a self-teacher is
-    the training student."""
+    the training student. A model already in eval mode (a frozen teacher) is left alone, which
+    saves two walks over its modules per step."""
     was_training = model.training
-    model.eval()
+    if was_training:
+        model.eval()
     try:
         yield
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train(True)
 
 
 def load_teacher(spec: str, student: nn.Module, student_tokenizer: Any) -> Any:

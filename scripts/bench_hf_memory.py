@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -29,6 +30,11 @@ sys.path.insert(0, str(ROOT))
 
 VOCAB = 151_936
 PAD_ROWS = 64  # the head has rows past the tokenizer; the EOS id is one of them, never sampled
+
+
+# glibc serves allocations of at least this size with mmap and returns them on free, so the
+# resident set follows the live tensors (its default threshold adapts to earlier frees).
+MEASURED_ENV = os.environ | {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def _rss_mib() -> float:
@@ -102,7 +108,7 @@ def main() -> None:
     for n in [int(x) for x in args.new_tokens.split(",")]:
         got = {}
         for path in ("all_logits", "stepwise"):
-            done = subprocess.run([sys.executable, __file__, "--point", path, str(n), "--rows", str(args.rows)], capture_output=True, text=True)
+            done = subprocess.run([sys.executable, __file__, "--point", path, str(n), "--rows", str(args.rows)], capture_output=True, text=True, env=MEASURED_ENV)
             if done.returncode != 0:
                 raise SystemExit(f"{path} at {n} new tokens failed:\n{done.stderr[-2000:]}")
             got[path] = json.loads(done.stdout.strip().splitlines()[-1])

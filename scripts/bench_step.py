@@ -13,7 +13,8 @@ into:
 - rollout sampling: the engine's ``generate`` calls of the step (student, or the teacher for
   off-policy batches, and pass-rate measurements);
 - weight sync: copying the new weights into the engine (vLLM only; HF samples the live model);
-- rollout, other: the rest of the rollout (the hooks' phases, scoring, building the batch);
+- rollout, other: the rest of the rollout (the hooks' phases, IOA's probes among them, scoring,
+  building the batch);
 - student forward, teacher forward: the decoder bodies, without the output head;
 - loss: every loss term, fused: the head's logits and the closed-form gradients of the head and
   hidden states (work a plain path would do in backward);
@@ -22,7 +23,8 @@ into:
 - callbacks: the callbacks' per-step hooks (sections they time themselves aside);
 - Lightning and logging: the rest of ``training_step`` (logging, the loop).
 
-The first step is left out (warm-up); the others are averaged. Numbers depend on what else the
+The profiler's records are cleared when the first step ends (warm-up); the rest are averaged over
+the steps after it. Numbers depend on what else the
 machine runs.
 """
 
@@ -30,13 +32,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from lightning.pytorch import Callback, Trainer  # noqa: E402
 
 PARTS = (
     "rollout sampling", "weight sync", "rollout, other", "student forward", "teacher forward",
@@ -46,13 +49,12 @@ PER_STEP_HOOKS = ("on_train_batch_start", "on_train_batch_end", "on_before_backw
                   "on_before_optimizer_step", "on_before_zero_grad")
 
 
-def _per_step(durations: dict[str, list[float]], action: str, steps: int) -> float:
-    """Mean seconds per step of ``action``, the first step's calls left out when there is one per step."""
-    values = durations.get(action, [])
-    if len(values) == steps:
-        values = values[1:]
-        return statistics.fmean(values) if values else 0.0
-    return sum(values) / max(1, steps)
+class _ForgetFirstStep(Callback):
+    """Clears the profiler's records when the first step ends, so they cover the steps after it."""
+
+    def on_train_batch_end(self, trainer: Trainer, *args: object) -> None:
+        if trainer.global_step == 1:
+            trainer.profiler.recorded_durations.clear()  # type: ignore[attr-defined]
 
 
 def breakdown(config: Path, steps: int) -> dict[str, float]:
@@ -65,12 +67,13 @@ def breakdown(config: Path, steps: int) -> dict[str, float]:
             "--trainer.profiler.filename=profile", f"--trainer.val_check_interval={10 * steps}",
             "--trainer.enable_progress_bar=false", f"--checkpoint.dirpath={tmp}", f"--trainer.default_root_dir={tmp}",
         ], run=False)
+        cli.trainer.callbacks.append(_ForgetFirstStep())
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         d = cli.trainer.profiler.recorded_durations
     strategy = next((k.split(".")[0] for k in d if k.startswith("[Strategy]")), "[Strategy]")
 
-    def per(action: str) -> float:
-        return _per_step(d, action, steps)
+    def per(action: str) -> float:  # mean seconds per step after the first
+        return sum(d.get(action, [])) / (steps - 1)
 
     rollout_total = per("[LightningDataModule]RolloutDataModule.on_before_batch_transfer")
     sampling, sync = per("rollout.sampling"), per("rollout.weight_sync")

@@ -114,3 +114,14 @@ def test_alignment_probe_history_agrees_across_processes(tmp_path: Path) -> None
 def test_zppo_on_two_gpus(tmp_path: Path) -> None:
     ranks = fit("zppo", tmp_path, "--report=null", "--trainer.max_steps=8", accelerator="gpu")
     assert_ranks_agree(ranks)
+
+
+def test_micro_batches_on_two_processes_equal_one_pass(tmp_path: Path) -> None:
+    """``model.micro_batch_size`` inside DDP: one backward per step, so gradients are averaged as
+    for one pass, and the weights equal those of a run without micro-batches."""
+    plain = fit("gkd", tmp_path / "plain", "--report=null", "--trainer.max_steps=3")
+    micro = fit("gkd", tmp_path / "micro", "--report=null", "--trainer.max_steps=3", "--model.micro_batch_size=3")
+    assert_ranks_agree(micro)
+    assert [b["problem_ids"] for b in micro[0]["batches"]] == [b["problem_ids"] for b in plain[0]["batches"]]
+    assert micro[0]["weights"] == pytest.approx(plain[0]["weights"], rel=1e-6)
+    assert micro[0]["weights"] != pytest.approx(fit("gkd", tmp_path / "one", "--report=null", "--trainer.max_steps=1")[0]["weights"], rel=1e-9)

@@ -269,7 +269,7 @@ def test_fused_logprob_losses_equal_plain(chunk_size: int) -> None:
 
 
 def test_default_chunk_size_follows_the_vocabulary() -> None:
-    assert default_chunk_size(151_936, 1024) < 64 < default_chunk_size(32_000, 512)
+    assert default_chunk_size(151_936, 1024) < 128 < default_chunk_size(32_000, 512)
     assert default_chunk_size(10**9, 1) == 1
     assert default_chunk_size(151_936, 1024, budget_bytes=2 * default_chunk_size(151_936, 1024) * 4 * (8 * 151_936 + 2048)) >= 2
 

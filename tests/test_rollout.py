@@ -293,20 +293,21 @@ def test_context_evaluates_any_subset(tiny_student: str) -> None:
 
 
 def test_lightning_moves_every_tensor_of_a_batch(tiny_student: str) -> None:
-    """The transfer Lightning applies to a batch reaches the typed batch's tensors, extras and
-    histograms included; lists and scalars pass through."""
-    from lightning.fabric.utilities.apply_func import move_data_to_device
-
+    """The transfer Lightning applies to a batch (``DistillModule.transfer_batch_to_device``)
+    reaches the typed batch's tensors, extras and histograms included; lists and scalars are
+    shared, and a tensor two fields share stays one."""
     module = DistillModule(student=tiny_student, teacher=None)
     data = make_data()
     make_trainer(1).fit(module, datamodule=data)
     batch = data.rollout(0)
     batch.extras["per_row"] = torch.ones(batch.size)
     batch.histograms["h"] = torch.zeros(3)
-    moved = move_data_to_device(batch, torch.device("meta"))
-    assert isinstance(moved, type(batch)) and moved.problem_ids == batch.problem_ids
+    assert batch.teacher_input_ids is batch.input_ids
+    moved = module.transfer_batch_to_device(batch, torch.device("meta"), 0)
+    assert isinstance(moved, type(batch)) and moved.problem_ids is batch.problem_ids
     tensors = [moved.input_ids, moved.sampling_logprobs, moved.weights, moved.extras["per_row"], moved.histograms["h"]]
     assert all(t.device.type == "meta" for t in tensors)
+    assert moved.teacher_input_ids is moved.input_ids  # the teacher still reads the student's prompt
     assert batch.input_ids.device.type == "cpu"  # the original is untouched
 
 
@@ -323,3 +324,4 @@ def test_evaluation_shared_over_ranks_returns_every_problem_in_order(make_contex
     assert shared.problem_ids == alone.problem_ids == [p.problem_id for p in problems]
     assert torch.equal(shared.greedy_correct, alone.greedy_correct)
     assert shared.greedy_correct.tolist() == [float(i % 3 != 0) for i in range(7)]
+

@@ -103,6 +103,27 @@ class RolloutBatch:
         """True on the rollout's last minibatch: callbacks acting between rollouts check it."""
         return self.minibatch_index == self.num_minibatches - 1
 
+    def to(self, device: torch.device | str) -> RolloutBatch:
+        """The batch with its tensor fields, extras and histograms on ``device``, everything else
+        shared. A tensor held by two fields (the teacher's view of an unprivileged batch) stays
+        one tensor, so ``teacher_input_ids is input_ids`` keeps telling that the teacher reads the
+        student's prompt. (Lightning's generic transfer walks every list of strings instead.)"""
+        moved: dict[int, Tensor] = {}
+
+        def move(value: Any) -> Any:
+            if not isinstance(value, Tensor):
+                return value
+            if id(value) not in moved:
+                moved[id(value)] = value.to(device)
+            return moved[id(value)]
+
+        changes = {f.name: move(getattr(self, f.name)) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
+        return replace(
+            self, **changes,
+            extras={k: move(v) for k, v in self.extras.items()},
+            histograms={k: move(v) for k, v in self.histograms.items()},
+        )
+
     def split(self, parts: int, seed: object) -> list[RolloutBatch]:
         """``parts`` row subsets (PPO minibatches), rows shuffled by a stream seeded with ``seed``.
 

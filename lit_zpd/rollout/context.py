@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lit_zpd.forward import response_logprobs
 from lit_zpd.loss_config import LossConfig
 from lit_zpd.rollout.batch import EvalBatch, pack_rows
 from lit_zpd.rollout.engine import RolloutEngine, SamplingConfig
@@ -310,12 +311,23 @@ class RolloutContext:
         :meth:`gather` for a global figure."""
         return self.sequence_logprobs(model, [self.encode_prompt(p) for p in prompts], [self.tokenize(r) for r in responses])
 
-    def sequence_logprobs(self, model: Any, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[Tensor]:
+    @torch.no_grad()
+    def sequence_logprobs(
+        self, model: Any, prompt_ids: list[list[int]], response_ids: list[list[int]], rows_per_forward: int = 8
+    ) -> list[Tensor]:
         """Per-token log-probabilities of each response's tokens after its prompt's under ``model``
-        (:meth:`response_logits`): one ``(len(response),)`` float32 tensor per pair, on CPU."""
-        logits = self.response_logits(model, prompt_ids, response_ids)
-        targets = torch.tensor([t for ids in response_ids for t in ids], dtype=torch.long)
-        picked = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0]
+        (teacher forcing in eval mode, ``rows_per_forward`` rows per pass, through the fused head of
+        :func:`lit_zpd.forward.response_logprobs`): one ``(len(response),)`` float32 tensor per
+        pair, on CPU."""
+        out = []
+        for start in range(0, len(prompt_ids), rows_per_forward):
+            rows = pack_rows(
+                prompt_ids[start : start + rows_per_forward], response_ids[start : start + rows_per_forward],
+                self.tokenizer.pad_token_id,
+            )
+            with evaluating(model):
+                out.append(response_logprobs(model, *(t.to(self.device) for t in rows), len(self.tokenizer)).cpu())
+        picked = torch.cat(out) if out else torch.zeros(0)
         return list(picked.split([len(ids) for ids in response_ids]))
 
     # ----------------------------------------------------------------------------- randomness
