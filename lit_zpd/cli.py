@@ -3,7 +3,7 @@
 ``lit-zpd fit --config configs/sft.yaml``, ``lit-zpd validate --config ...``,
 ``lit-zpd fit --config configs/sft.yaml --print_config``. Callbacks, including the pedagogical
 ones, are listed under ``trainer.callbacks`` in the YAML. Three more are always configured under
-keys of their own: ``checkpoint`` (ModelCheckpoint), ``report`` (the start/end accuracy report,
+keys of their own: ``checkpoint`` (RunCheckpoint), ``report`` (the start/end accuracy report,
 :class:`~lit_zpd.callbacks.report.AccuracyReport`) and ``rollout_log``
 (:class:`~lit_zpd.callbacks.rollout_logging.RolloutLogger`); ``report: null`` or
 ``rollout_log: null`` drops one, a ``class_path`` replaces it.
@@ -20,10 +20,11 @@ from typing import Any
 import torch
 
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lit_zpd.assets import resolve
+from lit_zpd.callbacks.checkpoint import RunCheckpoint
 from lit_zpd.callbacks.report import AccuracyReport
 from lit_zpd.callbacks.rollout_logging import RolloutLogger
 from lit_zpd.model_files import VERIFY_PROMPTS
@@ -47,13 +48,16 @@ DEFAULT_CALLBACKS: dict[str, type[Callback]] = {"report": AccuracyReport, "rollo
 
 
 class LitZpdCLI(LightningCLI):
-    """Adds an always-present ``checkpoint`` (ModelCheckpoint) so a crash loses at most
-    ``checkpoint.every_n_train_steps`` steps (resume with ``--ckpt_path .../last.ckpt``), and the
-    default callbacks ``report`` and ``rollout_log``, which ``null`` drops."""
+    """Adds an always-present ``checkpoint`` (:class:`~lit_zpd.callbacks.checkpoint.RunCheckpoint`)
+    that saves every ``checkpoint.every_n_train_steps`` steps, at the end of the run and when it
+    fails with an exception (resume with ``--ckpt_path .../last.ckpt``), and the default callbacks
+    ``report`` and ``rollout_log``, which ``null`` drops."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.every_n_train_steps": 50, "checkpoint.save_last": True})
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.every_n_train_steps": 50, "checkpoint.save_last": True, "checkpoint.save_on_exception": True,
+        })
         for key, callback in DEFAULT_CALLBACKS.items():
             parser.add_subclass_arguments(callback, key, required=False, fail_untyped=False)
             parser.set_defaults({key: {"class_path": f"{callback.__module__}.{callback.__name__}"}})

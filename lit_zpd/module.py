@@ -103,6 +103,11 @@ class DistillModule(LightningModule):
         micro_batch_size: Rows per forward/backward inside one optimizer step; the loss and
             gradient equal one pass over the whole batch (:mod:`lit_zpd.micro_batch`). ``None``: all
             rows at once.
+        nonfinite: What a step whose loss or gradients are not finite does (decided on every
+            rank alike, after the gradients are averaged): ``stop`` skips its update, ends the run
+            (the final checkpoint then holds the last finite weights) and raises an error that
+            says so; ``skip`` drops its update, counts it (``train/nonfinite_steps_total``) and
+            goes on. A skipped step still counts as a step (the learning-rate schedule moves).
         optimizer: Optimizer factory (LightningCLI: ``class_path`` and ``init_args``).
         lr_scheduler: Learning-rate scheduler factory, stepped after every optimizer step.
 
@@ -125,6 +130,7 @@ class DistillModule(LightningModule):
         teacher_dtype: Precision | None = None,
         gradient_checkpointing: bool = False,
         micro_batch_size: int | None = None,
+        nonfinite: Literal["stop", "skip"] = "stop",
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -137,7 +143,13 @@ class DistillModule(LightningModule):
             raise ValueError(f"model.teacher_dtype: {teacher} is the student's weights, in model.student_dtype={student_dtype}")
         if micro_batch_size is not None and micro_batch_size < 1:
             raise ValueError(f"model.micro_batch_size must be >= 1 or null, got {micro_batch_size}")
+        if nonfinite not in ("stop", "skip"):
+            raise ValueError(f"model.nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
         self.micro_batch_size = micro_batch_size
+        self.nonfinite = nonfinite
+        self.nonfinite_steps = 0  # updates dropped because the loss or a gradient was not finite
+        self._loss_finite = True
+        self._nonfinite_stop: str | None = None
         loss = loss if loss is not None else LossConfig(sft=1.0)
         if loss.active.keys() & set(TEACHER_TERMS) and teacher is None:
             raise ValueError(f"model.loss uses {sorted(loss.active.keys() & set(TEACHER_TERMS))}: set model.teacher")
@@ -202,6 +214,35 @@ class DistillModule(LightningModule):
                 self.eval_metrics[f"{kind}/{skill}"] = MeanMetric()
 
     @override
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        """Drops the update of a step whose loss or gradients are not finite (``model.nonfinite``):
+        without gradients the optimizer leaves every weight and its state as they are."""
+        grads = [p.grad for p in self.student.parameters() if p.grad is not None]
+        finite = self._loss_finite and (not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()))
+        if self.trainer.strategy.reduce_boolean_decision(finite, all=True):
+            return
+        self.nonfinite_steps += 1
+        for p in self.student.parameters():
+            p.grad = None
+        self.log("train/nonfinite_steps_total", float(self.nonfinite_steps), rank_zero_only=True)
+        step = self.trainer.global_step + 1
+        if self.nonfinite == "stop":
+            self._nonfinite_stop = (
+                f"optimizer step {step}: the loss or its gradients are not finite (the weights diverged: lower the "
+                "learning rate, or set model.nonfinite: skip to drop such steps); its update was dropped, so the "
+                f"weights and the final checkpoint are those of step {step - 1}"
+            )
+            self.trainer.should_stop = True
+        else:
+            rank_zero_warn(f"optimizer step {step}: the loss or its gradients are not finite; its update was dropped (model.nonfinite: skip)")
+
+    @override
+    def on_train_end(self) -> None:
+        # Callbacks' on_train_end (the final checkpoint among them) has run: now fail loudly.
+        if self._nonfinite_stop is not None:
+            raise FloatingPointError(self._nonfinite_stop)
+
+    @override
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         if isinstance(batch, RolloutBatch):
             return batch.to(device)
@@ -209,10 +250,12 @@ class DistillModule(LightningModule):
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["nonfinite_steps"] = self.nonfinite_steps
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher_model.")}
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.nonfinite_steps = int(checkpoint.get("nonfinite_steps", 0))
         # The frozen teacher is not saved; take it from where it was built so loading stays strict.
         if self.teacher_model is not None:
             checkpoint["state_dict"].update({f"teacher_model.{k}": v for k, v in self.teacher_model.state_dict().items()})
@@ -225,6 +268,7 @@ class DistillModule(LightningModule):
         terms and diagnostics (detached, this rank's) reach callbacks' ``on_train_batch_end``."""
         cfg = batch.loss or self.loss_config
         loss, terms, diagnostics = self.step_loss(batch, cfg)
+        self._loss_finite = bool(torch.isfinite(loss.detach()))
         self.log("train/loss", loss, prog_bar=True, batch_size=batch.size, sync_dist=True)
         for name, value in (terms | diagnostics).items():
             self.log(f"train/{name}", value, batch_size=batch.size, sync_dist=True)

@@ -484,3 +484,26 @@ def test_sampled_token_kl_advantage_estimates_minus_reverse_kl() -> None:
     reverse = _explicit_kl(p_s.double(), p_t.double()).item()
     assert reverse > 0.3
     assert abs(adv.mean().item() + reverse) < 0.05
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_divergence_on_cuda_under_autocast(dtype: torch.dtype) -> None:
+    """On a GPU, with bf16-mixed autocast around it (as ``trainer.precision: bf16-mixed`` runs
+    it) and a head stored in ``dtype``: the fused loss and gradients agree with the plain path
+    computed from the same head in float32."""
+    g = torch.Generator().manual_seed(5)
+    head = nn.Linear(64, 1000, bias=False).to("cuda", dtype)
+    t_head = nn.Linear(64, 1000, bias=False).to("cuda", dtype).requires_grad_(False)
+    hidden = torch.randn(300, 64, generator=g).to("cuda").requires_grad_(True)
+    t_hidden = torch.randn(300, 64, generator=g).to("cuda")
+    weights = torch.rand(300, generator=g).to("cuda")
+    plain = generalized_jsd(hidden.to(dtype) @ head.weight.T, t_hidden.to(dtype) @ t_head.weight.T, 1.0)
+    want = _grads((weights * plain).sum(), [hidden, head.weight])
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss, _, _ = linear_divergence(hidden, LinearHead.of(head), t_hidden, LinearHead.of(t_head), weights, 1.0, chunk_size=128)
+    got = _grads(loss, [hidden, head.weight])
+    tolerance = {"atol": 1e-5, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(loss.float(), (weights * plain).sum().float(), **tolerance)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a.float(), b.float(), **tolerance)

@@ -1,0 +1,82 @@
+"""Nothing lost at the end of a run, and no training on non-finite values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer
+
+from lit_zpd.callbacks.checkpoint import RunCheckpoint
+from lit_zpd.module import DistillModule
+from tests.test_rollout import make_data
+
+
+class PoisonStep(Callback):
+    """Makes the loss of optimizer step ``at`` (1-based) NaN, and keeps the student's weights
+    after every step."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+        self.weights: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step + 1 == self.at:
+            batch.weights[:] = float("nan")
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: Any, *args: Any) -> None:
+        self.weights[trainer.global_step] = {k: v.clone() for k, v in pl_module.student.state_dict().items()}
+
+
+def _fit(module: DistillModule, tmp_path: Path, steps: int, every: int, *callbacks: Callback) -> Trainer:
+    checkpoint = RunCheckpoint(dirpath=tmp_path, every_n_train_steps=every, save_last=True, save_on_exception=True)
+    trainer = Trainer(
+        max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[checkpoint, *callbacks],
+    )
+    trainer.fit(module, datamodule=make_data(data_source="reference", prompts_per_step=2))
+    return trainer
+
+
+def _saved(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def test_a_run_that_ends_between_intervals_checkpoints_its_final_step(tiny_student: str, tmp_path: Path) -> None:
+    module = DistillModule(student=tiny_student, teacher=None)
+    _fit(module, tmp_path, steps=3, every=2)
+    last = _saved(tmp_path / "last.ckpt")
+    assert last["global_step"] == 3
+    assert torch.equal(last["state_dict"]["student.model.embed_tokens.weight"], module.student.model.embed_tokens.weight)
+
+
+def test_a_nonfinite_step_stops_the_run_with_the_last_finite_weights_saved(tiny_student: str, tmp_path: Path) -> None:
+    module = DistillModule(student=tiny_student, teacher=None, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    poison = PoisonStep(at=3)
+    with pytest.raises(FloatingPointError, match="optimizer step 3: the loss or its gradients are not finite"):
+        _fit(module, tmp_path, 6, 50, poison)
+    assert module.nonfinite_steps == 1
+    after_two = poison.weights[2]
+    for key, value in module.student.state_dict().items():
+        assert torch.equal(value, after_two[key]), key  # the NaN step changed nothing
+    last = _saved(tmp_path / "last.ckpt")
+    assert last["nonfinite_steps"] == 1
+    for key, value in after_two.items():
+        assert torch.equal(last["state_dict"][f"student.{key}"], value)
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+
+
+def test_nonfinite_skip_drops_the_update_and_goes_on(tiny_student: str, tmp_path: Path) -> None:
+    module = DistillModule(
+        student=tiny_student, teacher=None, nonfinite="skip", optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
+    )
+    poison = PoisonStep(at=3)
+    trainer = _fit(module, tmp_path, 5, 50, poison)
+    assert trainer.global_step == 5 and module.nonfinite_steps == 1
+    assert all(torch.equal(poison.weights[3][k], v) for k, v in poison.weights[2].items())  # step 3 changed nothing
+    assert any(not torch.equal(poison.weights[4][k], v) for k, v in poison.weights[3].items())  # step 4 trained
+    assert all(torch.isfinite(p).all() for p in module.student.parameters())
+    with pytest.raises(ValueError, match="model.nonfinite"):
+        DistillModule(student=tiny_student, teacher=None, nonfinite="ignore")  # type: ignore[arg-type]
