@@ -22,6 +22,7 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_zpd.assets import resolve
 from lit_zpd.callbacks.checkpoint import RunCheckpoint
@@ -43,6 +44,8 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "log_every_n_steps": 1,
 }
 
+
+SIGTERM_EXIT = 143  # 128 + SIGTERM: the shell's status for a process that SIGTERM ended
 
 DEFAULT_CALLBACKS: dict[str, type[Callback]] = {"report": AccuracyReport, "rollout_log": RolloutLogger}
 
@@ -115,7 +118,8 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
 def console_main() -> None:
     """The ``lit-zpd`` console script: LightningCLI's subcommands (``fit``, ``validate``, ...) and
     ``diagnose`` (:mod:`lit_zpd.diagnostics.diagnose`). Returns nothing, so the process exits 0 on
-    success (a returned object would become the exit status)."""
+    success (a returned object would become the exit status); a run stopped by SIGTERM exits 143
+    after its checkpoint is saved."""
     configure_threads()
     if sys.argv[1:2] == ["diagnose"]:
         from lit_zpd.diagnostics.diagnose import main as diagnose
@@ -125,7 +129,10 @@ def console_main() -> None:
     if sys.argv[1:2] == ["convert"]:
         convert(sys.argv[2:])
         return
-    main()
+    try:
+        main()
+    except SIGTERMException:
+        sys.exit(SIGTERM_EXIT)  # Lightning's exception exits 0; a stopped job is not a finished one
 
 
 def convert(args: list[str]) -> None:

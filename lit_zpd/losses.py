@@ -221,7 +221,7 @@ def fused_linear_loss(hidden: Tensor, head: LinearHead, chunk_loss: ChunkLoss, c
     Returns:
         The scalar loss (differentiable), and ``(k, N)`` the chunks' per-token values (detached).
     """
-    chunk_size = chunk_size or default_chunk_size(head.vocab, hidden.shape[-1])
+    chunk_size = default_chunk_size(head.vocab, hidden.shape[-1]) if chunk_size is None else chunk_size
     if torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad)):
         return _FusedLinearLoss.apply(hidden, head.weight, head.bias, head.vocab, chunk_loss, chunk_size)
     loss, values, *_ = _fused_pass(hidden, head, chunk_loss, chunk_size, (False, False, False))

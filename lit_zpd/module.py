@@ -278,10 +278,14 @@ class DistillModule(LightningModule):
         """Every active loss term as a scalar (before its coefficient), and diagnostics to log, from
         one pass over all rows."""
         cfg = cfg or batch.loss or self.loss_config
+        return self._row_terms(batch, *self._token_weights(batch, cfg), cfg)
+
+    def _token_weights(self, batch: RolloutBatch, cfg: LossConfig) -> tuple[Tensor, int]:
+        """Checks ``batch`` against ``cfg``; returns every token's coefficient in the step's loss,
+        ``(B, T-1)``, and the step's number of response tokens."""
         self._check_batch(batch, cfg)
         mask = batch.response_mask[:, 1:].bool()  # (B, T-1): positions that predict a response token
-        coefficients = token_weights(mask, batch.weights, cfg.aggregation)  # (B, T-1)
-        return self._row_terms(batch, coefficients, int(mask.sum()), cfg)
+        return token_weights(mask, batch.weights, cfg.aggregation), int(mask.sum())
 
     def _check_batch(self, batch: RolloutBatch, cfg: LossConfig) -> None:
         if cfg.active.keys() & set(TEACHER_TERMS) and self.teacher is None:
@@ -296,20 +300,19 @@ class DistillModule(LightningModule):
         With ``micro_batch_size`` the rows go through the models that many at a time
         (:mod:`lit_zpd.micro_batch`); every term is a sum over rows with coefficients fixed for
         the whole batch, so the loss and its gradient are those of one pass."""
-        self._check_batch(batch, cfg)
-        mask = batch.response_mask[:, 1:].bool()
-        coefficients = token_weights(mask, batch.weights, cfg.aggregation)
-        n_tokens = int(mask.sum())
+        coefficients, n_tokens = self._token_weights(batch, cfg)
+
+        def weighted(terms: dict[str, Tensor]) -> Tensor:
+            return sum(cfg.active[name] * value for name, value in terms.items())  # type: ignore[return-value]
+
         parts = row_parts(batch.size, self.micro_batch_size)
         if len(parts) == 1:
             terms, diagnostics = self._row_terms(batch, coefficients, n_tokens, cfg)
-            loss = sum(cfg.active[name] * value for name, value in terms.items())
-            return loss, {k: v.detach() for k, v in terms.items()}, {k: v.detach() for k, v in diagnostics.items()}
+            return weighted(terms), {k: v.detach() for k, v in terms.items()}, {k: v.detach() for k, v in diagnostics.items()}
 
         def part(rows: list[int]) -> tuple[Tensor, dict[str, Tensor]]:
             terms, diagnostics = self._row_terms(batch.take(rows), coefficients[rows], n_tokens, cfg)
-            loss = sum(cfg.active[name] * value for name, value in terms.items())
-            return loss, terms | {f"diagnostics/{k}": v for k, v in diagnostics.items()}
+            return weighted(terms), terms | {f"diagnostics/{k}": v for k, v in diagnostics.items()}
 
         loss, logged = micro_batched(part, parts, [p for p in self.student.parameters() if p.requires_grad])
         terms = {k: v for k, v in logged.items() if not k.startswith("diagnostics/")}

@@ -77,3 +77,19 @@ def _plain(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.tolist()
     raise TypeError(f"cannot record {type(value).__name__}")
+
+
+class MarkStep(Callback):
+    """Writes ``path`` once optimizer step ``step`` is done (a test waits for it to signal the run).
+
+    Args:
+        path: The file to write.
+        step: Optimizer steps to take first.
+    """
+
+    def __init__(self, path: str, step: int) -> None:
+        self.path, self.step = path, step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step >= self.step:
+            Path(self.path).write_text(str(trainer.global_step))

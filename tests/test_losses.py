@@ -277,9 +277,9 @@ def test_default_chunk_size_follows_the_vocabulary() -> None:
 def test_chunk_size_zero_raises() -> None:
     s_head, t_head = _heads()
     with pytest.raises(ValueError, match="chunk_size"):
-        linear_divergence(torch.randn(_N, _H), LinearHead.of(s_head), torch.randn(_N, _H + 2), LinearHead.of(t_head), torch.ones(_N), chunk_size=-1)
+        linear_divergence(torch.randn(_N, _H), LinearHead.of(s_head), torch.randn(_N, _H + 2), LinearHead.of(t_head), torch.ones(_N), chunk_size=0)
     with pytest.raises(ValueError, match="chunk_size"):
-        linear_token_logprobs(torch.randn(_N, _H), LinearHead.of(s_head), torch.zeros(_N, dtype=torch.long), chunk_size=-1)
+        linear_token_logprobs(torch.randn(_N, _H), LinearHead.of(s_head), torch.zeros(_N, dtype=torch.long), chunk_size=0)
 
 
 def test_a_head_that_is_not_linear_is_named() -> None:

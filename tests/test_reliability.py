@@ -80,3 +80,61 @@ def test_nonfinite_skip_drops_the_update_and_goes_on(tiny_student: str, tmp_path
     assert all(torch.isfinite(p).all() for p in module.student.parameters())
     with pytest.raises(ValueError, match="model.nonfinite"):
         DistillModule(student=tiny_student, teacher=None, nonfinite="ignore")  # type: ignore[arg-type]
+
+
+def test_sigterm_saves_the_last_completed_step_and_exits_143(tmp_path: Path) -> None:
+    """How a scheduler stops a job: the step under way ends, ``last.ckpt`` holds it, the status
+    says the run did not finish, and the message names the file to resume from."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    marker = tmp_path / "marker"
+    command = [
+        sys.executable, "-m", "lit_zpd.cli", "fit", f"--config={root / 'configs' / 'sft.yaml'}", "--report=null",
+        "--trainer.max_steps=100000", "--trainer.val_check_interval=100000", "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--checkpoint.every_n_train_steps=100000", f"--checkpoint.dirpath={tmp_path / 'ckpt'}",
+        "--trainer.callbacks+=tests.probes.MarkStep", f"--trainer.callbacks.path={marker}", "--trainer.callbacks.step=3",
+    ]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), process.communicate()[1][-3000:] if process.poll() is not None else "no step 3 in 300 s"
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 143, stderr[-3000:]
+    last = tmp_path / "ckpt" / "last.ckpt"
+    assert "stopped by SIGTERM after step" in stderr and str(last) in stderr
+    assert _saved(last)["global_step"] >= 3  # the checkpoint interval was never reached
+
+
+class RaiseAtStep(Callback):
+    """Raises after optimizer step ``step``, as a crash in the middle of a run would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        if trainer.global_step >= self.step:
+            raise RuntimeError(f"crash after step {trainer.global_step}")
+
+
+def test_an_exception_through_the_cli_saves_the_last_completed_step(tmp_path: Path) -> None:
+    from lit_zpd.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    with pytest.raises(RuntimeError, match="crash after step 3"):
+        main([
+            "fit", f"--config={root / 'configs' / 'sft.yaml'}", "--report=null", "--trainer.max_steps=50",
+            "--trainer.val_check_interval=100", "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+            f"--checkpoint.dirpath={tmp_path / 'ckpt'}",
+            "--trainer.callbacks+=tests.test_reliability.RaiseAtStep", "--trainer.callbacks.step=3",
+        ])
+    assert _saved(tmp_path / "ckpt" / "last.ckpt")["global_step"] == 3

@@ -4,13 +4,19 @@ Lightning's callback writes ``last.ckpt`` every ``every_n_train_steps`` and, at 
 training, only if it never wrote one: a run that ends between two intervals (``max_steps`` not a
 multiple of it, a token budget, a stop after a non-finite step) kept its final weights in no
 checkpoint. This one also saves at the end whenever the final step is not saved yet. The CLI
-configures it under ``checkpoint`` with ``save_last: true`` and ``save_on_exception: true``.
+configures it under ``checkpoint`` with ``save_last: true`` and ``save_on_exception: true``, so
+an exception, or SIGTERM (how schedulers stop jobs: Lightning ends the step under way, then raises
+``SIGTERMException``), leaves the last completed step in ``last.ckpt``; ``lit-zpd`` then exits
+with status 143 (128 + SIGTERM).
 """
 
 from __future__ import annotations
 
+import sys
+
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
 
@@ -29,3 +35,14 @@ class RunCheckpoint(ModelCheckpoint):
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         super().on_train_end(trainer, pl_module)
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)
+        if isinstance(exception, SIGTERMException) and trainer.is_global_zero:
+            where = self.last_model_path or self.best_model_path or "no checkpoint (nothing was trained yet)"
+            print(
+                f"lit-zpd: stopped by SIGTERM after step {trainer.global_step}; saved to {where}; "
+                f"resume with --ckpt_path {where}",
+                file=sys.stderr,
+            )
