@@ -28,6 +28,7 @@ from lit_zpd.assets import resolve
 from lit_zpd.callbacks.checkpoint import RunCheckpoint
 from lit_zpd.callbacks.report import AccuracyReport
 from lit_zpd.callbacks.rollout_logging import RolloutLogger
+from lit_zpd.checkpoint_io import AtomicCheckpointIO
 from lit_zpd.model_files import VERIFY_PROMPTS
 from lit_zpd.module import DistillModule
 from lit_zpd.rollout.datamodule import RolloutDataModule
@@ -66,6 +67,8 @@ class LitZpdCLI(LightningCLI):
             parser.set_defaults({key: {"class_path": f"{callback.__module__}.{callback.__name__}"}})
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        if config.get("plugins") is None:
+            config = config | {"plugins": [AtomicCheckpointIO()]}  # see lit_zpd.checkpoint_io
         defaults = [self._get(self.config_init, key) for key in DEFAULT_CALLBACKS]
         return super()._instantiate_trainer(config, callbacks + [c for c in defaults if c is not None])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -138,3 +139,57 @@ def test_an_exception_through_the_cli_saves_the_last_completed_step(tmp_path: Pa
             "--trainer.callbacks+=tests.test_reliability.RaiseAtStep", "--trainer.callbacks.step=3",
         ])
     assert _saved(tmp_path / "ckpt" / "last.ckpt")["global_step"] == 3
+
+
+def _a_checkpoint(path: Path) -> None:
+    from lit_zpd.checkpoint_io import AtomicCheckpointIO
+
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.arange(1000.0)}, "global_step": 7}, path)
+
+
+def test_an_interrupted_write_leaves_the_previous_checkpoint_intact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lit_zpd import checkpoint_io
+
+    last = tmp_path / "last.ckpt"
+    _a_checkpoint(last)
+    good = last.read_bytes()
+
+    def killed_midway(obj: Any, f: Any) -> None:
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt  # the process is stopped during the write
+
+    monkeypatch.setattr(checkpoint_io.torch, "save", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint_io.AtomicCheckpointIO().save_checkpoint({"global_step": 8}, last)
+    assert last.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("damage", ["empty", "flipped bytes", "random bytes"])
+def test_a_damaged_checkpoint_is_named_with_the_ones_to_use_instead(tmp_path: Path, damage: str) -> None:
+    from lit_zpd.checkpoint_io import AtomicCheckpointIO, CheckpointError
+
+    good, bad = tmp_path / "epoch=0-step=50.ckpt", tmp_path / "last.ckpt"
+    _a_checkpoint(good)
+    _a_checkpoint(bad)
+    data = bytearray(bad.read_bytes())
+    if damage == "empty":
+        data = bytearray()
+    elif damage == "flipped bytes":
+        middle = len(data) // 2
+        data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+    else:
+        data = bytearray(os.urandom(len(data)))
+    bad.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"checkpoint {bad} .*resume from another checkpoint of {tmp_path}: {good}"):
+        AtomicCheckpointIO().load_checkpoint(bad)
+    assert AtomicCheckpointIO().load_checkpoint(good)["global_step"] == 7
+
+
+def test_the_cli_trains_with_atomic_checkpoints() -> None:
+    from lit_zpd.checkpoint_io import AtomicCheckpointIO
+    from lit_zpd.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    cli = main(["--config", str(root / "configs" / "sft.yaml"), "--report=null"], run=False)
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
