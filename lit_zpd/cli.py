@@ -66,11 +66,35 @@ class LitZpdCLI(LightningCLI):
             parser.add_subclass_arguments(callback, key, required=False, fail_untyped=False)
             parser.set_defaults({key: {"class_path": f"{callback.__module__}.{callback.__name__}"}})
 
+    def before_fit(self) -> None:
+        """``--ckpt_path last``: the newest ``last.ckpt`` of this run's checkpoint directory (when
+        ``checkpoint.dirpath`` is set) or of any version of its logger directory, since a new run
+        writes under a new version and Lightning's own ``last`` would look there only."""
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") == "last":
+            config["ckpt_path"] = str(newest_last_checkpoint(self.trainer))
+            print(f"lit-zpd: resuming from {config['ckpt_path']}", file=sys.stderr)
+
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         if config.get("plugins") is None:
             config = config | {"plugins": [AtomicCheckpointIO()]}  # see lit_zpd.checkpoint_io
         defaults = [self._get(self.config_init, key) for key in DEFAULT_CALLBACKS]
         return super()._instantiate_trainer(config, callbacks + [c for c in defaults if c is not None])
+
+
+def newest_last_checkpoint(trainer: Trainer) -> Path:
+    """The most recently written ``last.ckpt`` of ``trainer``'s runs (see ``LitZpdCLI.before_fit``)."""
+    checkpoint = trainer.checkpoint_callback
+    if checkpoint is not None and getattr(checkpoint, "dirpath", None):
+        where, pattern = Path(checkpoint.dirpath), "last.ckpt"
+    elif trainer.logger is not None and getattr(trainer.logger, "root_dir", None):
+        where, pattern = Path(trainer.logger.root_dir), "version_*/checkpoints/last.ckpt"
+    else:
+        where, pattern = Path(trainer.default_root_dir), "**/last.ckpt"
+    found = sorted(where.glob(pattern), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"--ckpt_path last: no {pattern} under {where}; start without --ckpt_path, or name a checkpoint file")
+    return found[-1]
 
 
 def available_cpus(cgroup: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:

@@ -193,3 +193,34 @@ def test_the_cli_trains_with_atomic_checkpoints() -> None:
     root = Path(__file__).resolve().parents[1]
     cli = main(["--config", str(root / "configs" / "sft.yaml"), "--report=null"], run=False)
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+class FirstStep(Callback):
+    """Writes the global step training starts from into ``path``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_start(self, trainer: Trainer, *args: Any) -> None:
+        Path(self.path).write_text(str(trainer.global_step))
+
+
+def test_ckpt_path_last_resumes_the_newest_run_of_the_logger_directory(tmp_path: Path) -> None:
+    from lit_zpd.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+
+    def fit(steps: int, *extra: str) -> int:
+        main([
+            "fit", f"--config={root / 'configs' / 'sft.yaml'}", "--report=null", f"--trainer.max_steps={steps}",
+            "--trainer.val_check_interval=100", "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--trainer.callbacks+=tests.test_reliability.FirstStep", f"--trainer.callbacks.path={tmp_path / 'first'}", *extra,
+        ])
+        return int((tmp_path / "first").read_text())
+
+    assert fit(2) == 0
+    assert fit(4, "--ckpt_path=last") == 2  # version_1 resumed version_0's last.ckpt
+    assert fit(5, "--ckpt_path=last") == 4  # and version_2 the newer version_1's
+    with pytest.raises(FileNotFoundError, match="--ckpt_path last: no last.ckpt under"):
+        fit(6, "--ckpt_path=last", f"--checkpoint.dirpath={tmp_path / 'empty'}")
