@@ -12,7 +12,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lit_zpd.rollout.plan import RolloutHook
 
@@ -20,7 +20,7 @@ from lit_zpd.rollout.plan import RolloutHook
 class RankRecorder(Callback):
     """Writes ``<out_dir>/rank<k>.json``: the batches this rank trained on (step, rollout,
     minibatch, problem ids, kinds, replayed rows' ids), and at the end of ``fit`` the states of
-    the rollout hooks and the library's other callbacks, the data module's rollout state and a digest of the student's weights.
+    the rollout hooks and the library's other callbacks (checkpointing aside), the data module's rollout state and a digest of the student's weights.
 
     Args:
         out_dir: Where the files go.
@@ -45,7 +45,9 @@ class RankRecorder(Callback):
             "batches": self.batches,
             "hooks": {
                 type(cb).__name__: cb.state_dict() for cb in trainer.callbacks
-                if isinstance(cb, RolloutHook) or type(cb).__module__.startswith("lit_zpd.callbacks.")
+                # A checkpoint callback's state is the run's own file paths, which differ between runs.
+                if (isinstance(cb, RolloutHook) or type(cb).__module__.startswith("lit_zpd.callbacks."))
+                and not isinstance(cb, ModelCheckpoint)
             },
             "pass_rates": data.pass_rates.state_dict(),
             "student_tokens": data.counters.student_tokens,
