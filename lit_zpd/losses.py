@@ -40,16 +40,22 @@ def _kl_entries(log_p: Tensor, log_q: Tensor) -> Tensor:
     return log_p.exp() * (log_p - log_q)
 
 
-def divergence_entries(log_s: Tensor, log_t: Tensor, beta: float) -> Tensor:
+def log_mixture(log_s: Tensor, log_t: Tensor, beta: float) -> Tensor:
+    """``log M`` with ``M = beta * p_T + (1 - beta) * p_S``, for ``0 < beta < 1``. ``(N, V) -> (N, V)``."""
+    return torch.logsumexp(torch.stack([log_s + math.log(1 - beta), log_t + math.log(beta)]), dim=0)
+
+
+def divergence_entries(log_s: Tensor, log_t: Tensor, beta: float, log_m: Tensor | None = None) -> Tensor:
     """Per vocabulary entry terms of the generalized JSD, from log-probabilities; they sum over
-    ``V`` to the divergence. ``(N, V), (N, V) -> (N, V)``."""
+    ``V`` to the divergence. ``log_m`` is :func:`log_mixture` when the caller has it already.
+    ``(N, V), (N, V) -> (N, V)``."""
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     if beta == 0.0:
         return _kl_entries(log_t, log_s)
     if beta == 1.0:
         return _kl_entries(log_s, log_t)
-    log_m = torch.logsumexp(torch.stack([log_s + math.log(1 - beta), log_t + math.log(beta)]), dim=0)
+    log_m = log_mixture(log_s, log_t, beta) if log_m is None else log_m
     return beta * _kl_entries(log_t, log_m) + (1 - beta) * _kl_entries(log_s, log_m)
 
 
@@ -228,15 +234,15 @@ def fused_linear_loss(hidden: Tensor, head: LinearHead, chunk_loss: ChunkLoss, c
     return loss, values
 
 
-def _entry_slopes(log_s: Tensor, log_t: Tensor, beta: float) -> Tensor:
+def _entry_slopes(log_s: Tensor, p_s: Tensor, log_t: Tensor, beta: float, log_m: Tensor | None) -> Tensor:
     """``d e_v / d log p_S(v)`` of each entry of :func:`divergence_entries`: an entry depends on the
-    student only through its own log-probability. ``(n, V) -> (n, V)``."""
+    student only through its own log-probability. ``p_s`` is ``exp(log_s)``, ``log_m`` the
+    mixture for ``0 < beta < 1``. ``(n, V) -> (n, V)``."""
     if beta == 0.0:  # p_T (log p_T - log p_S)
         return -log_t.exp()
     if beta == 1.0:  # p_S (log p_S - log p_T)
-        return log_s.exp() * (log_s - log_t + 1)
-    log_m = torch.logsumexp(torch.stack([log_s + math.log(1 - beta), log_t + math.log(beta)]), dim=0)
-    return (1 - beta) * log_s.exp() * (log_s - log_m)
+        return p_s * (log_s - log_t + 1)
+    return (1 - beta) * p_s * (log_s - log_m)
 
 
 def linear_divergence(
@@ -281,7 +287,8 @@ def linear_divergence(
         log_s = log_probs(z, temperature)
         with torch.no_grad():
             log_t = log_probs(teacher_head(teacher_hidden[rows]), temperature)
-        entries = divergence_entries(log_s, log_t, beta)
+        log_m = log_mixture(log_s, log_t, beta) if 0.0 < beta < 1.0 else None  # shared with the slopes
+        entries = divergence_entries(log_s, log_t, beta, log_m)
         unclipped = entries.sum(-1)
         kept = None if entry_clip is None else entries <= entry_clip
         per_token = unclipped if kept is None else entries.clamp(max=entry_clip).sum(-1)
@@ -289,10 +296,11 @@ def linear_divergence(
         weights = token_weights[rows].float()
         grad_z = None
         if want_grad:
-            slopes = _entry_slopes(log_s, log_t, beta)
+            p_s = log_s.exp()
+            slopes = _entry_slopes(log_s, p_s, log_t, beta, log_m)
             if kept is not None:
                 slopes = slopes * kept
-            grad_z = (slopes - log_s.exp() * slopes.sum(-1, keepdim=True)) * (weights / temperature)[:, None]
+            grad_z = (slopes - p_s * slopes.sum(-1, keepdim=True)) * (weights / temperature)[:, None]
         return (weights * per_token).sum(), grad_z, torch.stack([per_token, unclipped])
 
     loss, values = fused_linear_loss(student_hidden, student_head, chunk, chunk_size)
