@@ -180,6 +180,38 @@ def test_missing_column_names_field_and_column(tmp_path):
         DatasetSource(str(path), fields={"skill": "topic"}).problems("train")
 
 
+@pytest.mark.parametrize("content", ["", "\n  \n"])
+def test_an_empty_data_file_is_named(tmp_path, content):
+    (tmp_path / "d.jsonl").write_text(content)
+    with pytest.raises(ValueError, match=r"d.jsonl: the file is empty"):
+        DatasetSource(str(tmp_path / "d.jsonl")).problems("train")
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "message"),
+    [('{"prompt": "What is 7 + 1?", "answer": "8"', r"line 3: not valid JSON"), ('["a list"]', r"line 3: expected a JSON object")],
+)
+def test_a_broken_json_line_is_named_with_its_number(tmp_path, bad_line, message):
+    path = write_jsonl(tmp_path / "d.jsonl", numbered_rows(2))
+    path.write_text(path.read_text() + bad_line + "\n")
+    with pytest.raises(ValueError, match=r"d.jsonl: " + message):
+        DatasetSource(str(path)).problems("train")
+
+
+def test_a_damaged_parquet_file_is_named(tmp_path):
+    (tmp_path / "d.parquet").write_bytes(b"PAR1 these are not the bytes of a table")
+    with pytest.raises(ValueError, match=r"d.parquet: not a readable Parquet file"):
+        DatasetSource(str(tmp_path / "d.parquet")).problems("train")
+
+
+def test_an_empty_split_is_named(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", numbered_rows(5))
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string()), "answer": pa.array([], pa.string())}), tmp_path / "test.parquet")
+    source = DatasetSource(str(tmp_path / "train.jsonl"), splits={"test": "test.parquet"})
+    with pytest.raises(ValueError, match=r"test.parquet: no rows"):
+        source.problems("train")
+
+
 def test_gsm8k_error_message(tmp_path):
     rows = [{"prompt": "a", "answer": "#### 1"}, {"prompt": "b", "answer": "#### 2"}, {"prompt": "c", "answer": "3"}]
     source = DatasetSource(str(write_jsonl(tmp_path / "d.jsonl", rows)), answer_extractor="gsm8k")

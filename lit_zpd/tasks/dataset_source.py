@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -368,10 +369,49 @@ def _check_prompt_template(template: str) -> None:
 
 
 def _load_file(file: Path) -> Dataset:
+    """The rows of one data file. An empty file, or a JSON Lines file with a line that is not a
+    JSON object, is an error naming the file and the line (``datasets`` reports the first as a
+    bare ``StopIteration`` and buries the second in its own traceback)."""
     # Imported here: datasets pulls in pyarrow and pandas, which users of other sources need not load.
     import datasets
 
-    return datasets.load_dataset(FILE_FORMATS[file.suffix.lower()], data_files=str(file), split="train")
+    suffix = file.suffix.lower()
+    if file.stat().st_size == 0 or (suffix != ".parquet" and not file.read_bytes().strip()):
+        raise ValueError(f"{file}: the file is empty (a data file needs at least one row)")
+    if suffix == ".jsonl":
+        _check_json_lines(file)
+    if suffix == ".parquet" and _parquet_rows(file) == 0:
+        raise ValueError(f"{file}: no rows")
+    try:
+        return datasets.load_dataset(FILE_FORMATS[suffix], data_files=str(file), split="train")
+    except datasets.exceptions.DatasetGenerationError as error:
+        cause = error.__cause__ or error.__context__ or error
+        raise ValueError(f"{file}: cannot be read as {FILE_FORMATS[suffix]}: {cause}") from error
+
+
+def _parquet_rows(file: Path) -> int:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(file).metadata.num_rows
+    except Exception as error:  # noqa: BLE001 - pyarrow raises several kinds on a damaged file
+        raise ValueError(f"{file}: not a readable Parquet file: {error}") from error
+
+
+def _check_json_lines(file: Path) -> None:
+    """Every non-blank line of ``file`` is a JSON object, or an error names the first that is not."""
+    with file.open(encoding="utf-8", errors="replace") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"{file}: line {number}: not valid JSON ({error.msg} at column {error.colno}): {line.strip()[:80]!r}"
+                ) from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{file}: line {number}: expected a JSON object (one row), got {type(row).__name__}")
 
 
 def _load_path(root: Path) -> dict[str, Dataset]:
