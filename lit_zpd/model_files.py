@@ -17,14 +17,16 @@ engine needs such a directory (``lit-zpd convert``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from lit_zpd.rollout.prompts import PromptEncoder
 
@@ -73,16 +75,41 @@ def _gguf_args(path: str) -> tuple[str, dict[str, Any]]:
     return str(file.parent), {"gguf_file": file.name}
 
 
+@contextlib.contextmanager
+def _loading(what: str, path: str) -> Iterator[None]:
+    """Name the path in any error of loading from it: transformers reports a truncated weights
+    file as a bare ``SafetensorError: invalid header length`` and a directory without tokenizer
+    files as a missing slow-tokenizer dependency."""
+    try:
+        yield
+    except (FileNotFoundError, ImportError):
+        raise
+    except Exception as error:  # re-raised with the path, the cause chained
+        raise ValueError(
+            f"cannot load the {what} at {path}: {type(error).__name__}: {error} "
+            "(a damaged or incomplete model directory?)"
+        ) from error
+
+
+def load_config(path: str) -> Any:
+    """The model config of a directory or a GGUF file."""
+    where, extra = _gguf_args(path)
+    with _loading("model config", path):
+        return AutoConfig.from_pretrained(where, **extra)
+
+
 def load_causal_lm(path: str) -> PreTrainedModel:
     """A causal LM in float32 from a directory or a GGUF file."""
     where, extra = _gguf_args(path)
-    return AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **extra)
+    with _loading("model", path):
+        return AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **extra)
 
 
 def load_tokenizer(path: str) -> Any:
     """The tokenizer of a directory or a GGUF file (a pad token set to EOS when it has none)."""
     where, extra = _gguf_args(path)
-    tokenizer = AutoTokenizer.from_pretrained(where, **extra)
+    with _loading("tokenizer", path):
+        tokenizer = AutoTokenizer.from_pretrained(where, **extra)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -29,10 +29,11 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 from typing_extensions import override
 
 from lit_zpd.assets import resolve
+from lit_zpd.forward import final_hidden, output_head
 from lit_zpd.loss_config import DIVERGENCES, ROLLOUT_TERMS, TEACHER_TERMS, LossConfig
 from lit_zpd.losses import (
     LinearHead,
@@ -43,9 +44,8 @@ from lit_zpd.losses import (
     sampled_token_kl_advantage,
     token_weights,
 )
-from lit_zpd.forward import final_hidden, output_head
 from lit_zpd.micro_batch import micro_batched, row_parts
-from lit_zpd.model_files import load_causal_lm, load_tokenizer
+from lit_zpd.model_files import load_causal_lm, load_config, load_tokenizer
 from lit_zpd.rollout.batch import EvalBatch, RolloutBatch
 from lit_zpd.teacher import SELF_TEACHERS, AdaptersDisabled, evaluating, load_teacher
 
@@ -156,6 +156,7 @@ class DistillModule(LightningModule):
         self.loss_config = loss
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
+        _check_optimizer(optimizer, lr_scheduler)
         self.tokenizer = load_tokenizer(resolve(tokenizer or student))  # pad token = EOS when it has none
         self.student = _load_student(resolve(student), init_from_config, init_seed).to(DTYPES[student_dtype])
         if gradient_checkpointing:
@@ -422,8 +423,24 @@ class DistillModule(LightningModule):
 
 def _load_student(path: str, init_from_config: bool, seed: int) -> PreTrainedModel:
     if init_from_config:
-        config = AutoConfig.from_pretrained(path)
+        config = load_config(path)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return load_causal_lm(path).train()
+
+
+def _check_optimizer(optimizer: OptimizerCallable, lr_scheduler: LRSchedulerCallable | None) -> None:
+    """Build the optimizer and scheduler once over a stand-in parameter, so that an invalid
+    argument (a negative learning rate, say) is reported before the models load rather than
+    when training starts."""
+    try:
+        built = optimizer([nn.Parameter(torch.zeros(1))])
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"model.optimizer: {error}") from error
+    if lr_scheduler is not None:
+        try:
+            lr_scheduler(built)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"model.lr_scheduler: {error}") from error
+

@@ -141,8 +141,10 @@ def load_teacher(spec: str, student: nn.Module, student_tokenizer: Any) -> Any:
 def _load_directory(path: str, student_tokenizer: Any) -> PreTrainedModel:
     try:
         teacher_tokenizer = load_tokenizer(path)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"model.teacher: {err}") from err
     except (OSError, ValueError) as err:
-        raise ValueError(f"model.teacher: no tokenizer found in {path}; the teacher must ship its tokenizer") from err
+        raise ValueError(f"model.teacher: {err}; the teacher must ship its tokenizer") from err
     if teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab():
         raise ValueError(
             f"model.teacher: the tokenizer in {path} differs from the student's "

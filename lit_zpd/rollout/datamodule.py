@@ -23,7 +23,7 @@ in :meth:`RolloutDataModule.state_dict`, so a checkpoint taken mid-rollout resum
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import fields
 from typing import Any, Literal
 
@@ -150,30 +150,7 @@ class RolloutDataModule(LightningDataModule):
         seed: int | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("prompts_per_step", prompts_per_step),
-            ("samples_per_prompt", samples_per_prompt),
-            ("teacher_samples_per_prompt", teacher_samples_per_prompt),
-            ("generation_batch_size", generation_batch_size),
-            ("eval_batch_size", eval_batch_size),
-            ("ppo_minibatches", ppo_minibatches),
-        ):
-            if value < 1:
-                raise ValueError(f"data.{name} must be >= 1, got {value}")
-        if eval_samples < 0:
-            raise ValueError(f"data.eval_samples must be >= 0, got {eval_samples}")
-        if lmbda is not None and not 0.0 <= lmbda <= 1.0:
-            raise ValueError(f"data.lmbda must be in [0, 1], got {lmbda}")
-        if data_source not in ("student", "teacher", "reference"):
-            raise ValueError(f"data.data_source must be 'student', 'teacher' or 'reference', got {data_source!r}")
-        if off_policy_source == "student":
-            raise ValueError("data.off_policy_source must be 'teacher' or 'reference'")
-        if advantage_estimator not in ("grpo", "reinforce_pp"):
-            raise ValueError(f"data.advantage_estimator must be 'grpo' or 'reinforce_pp', got {advantage_estimator!r}")
-        if engine not in ("hf", "vllm"):
-            raise ValueError(f"data.engine must be 'hf' or 'vllm', got {engine!r}")
-        if engine == "vllm" and sampling.top_p < 1:
-            raise ValueError("data.sampling.top_p must be 1 with data.engine: vllm (its log-probs would be renormalised)")
+        self.check_settings({k: v for k, v in locals().items() if k not in ("self", "__class__")})
         self.source = source if source is not None else ArithmeticCurriculum()
         self.prompts_per_step = prompts_per_step
         # The pipeline's own settings, handed to it when it is built.
@@ -202,6 +179,37 @@ class RolloutDataModule(LightningDataModule):
         # (rollout index, its minibatches) while minibatches of that rollout remain to be served.
         self._minibatches: tuple[int, list[RolloutBatch]] | None = None
         self._restored_parts: tuple[int, list[list[dict[str, Any]]]] | None = None
+
+    @staticmethod
+    def check_settings(settings: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` naming the ``data.*`` key of the first out-of-range setting.
+
+        Takes the constructor's arguments by name (missing ones are not checked); the CLI calls it
+        on the parsed ``data`` section before any model loads."""
+        value = settings.get
+        for name in (
+            "prompts_per_step", "samples_per_prompt", "teacher_samples_per_prompt",
+            "generation_batch_size", "eval_batch_size", "ppo_minibatches",
+        ):
+            if value(name) is not None and value(name) < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {value(name)}")
+        if value("eval_samples") is not None and value("eval_samples") < 0:
+            raise ValueError(f"data.eval_samples must be >= 0, got {value('eval_samples')}")
+        if value("lmbda") is not None and not 0.0 <= value("lmbda") <= 1.0:
+            raise ValueError(f"data.lmbda must be in [0, 1], got {value('lmbda')}")
+        if value("data_source", "student") not in ("student", "teacher", "reference"):
+            raise ValueError(f"data.data_source must be 'student', 'teacher' or 'reference', got {value('data_source')!r}")
+        if value("off_policy_source") == "student":
+            raise ValueError("data.off_policy_source must be 'teacher' or 'reference'")
+        if value("advantage_estimator", "grpo") not in ("grpo", "reinforce_pp"):
+            raise ValueError(
+                f"data.advantage_estimator must be 'grpo' or 'reinforce_pp', got {value('advantage_estimator')!r}"
+            )
+        if value("engine", "hf") not in ("hf", "vllm"):
+            raise ValueError(f"data.engine must be 'hf' or 'vllm', got {value('engine')!r}")
+        top_p = getattr(value("sampling"), "top_p", 1.0)
+        if value("engine") == "vllm" and top_p is not None and top_p < 1:
+            raise ValueError("data.sampling.top_p must be 1 with data.engine: vllm (its log-probs would be renormalised)")
 
     # ----------------------------------------------------------------------------- the pipeline
 
@@ -293,10 +301,7 @@ class RolloutDataModule(LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
             "batches_consumed": self.batches_consumed,
-            "student_tokens": self.counters.student_tokens,
-            "verifier_errors": self.counters.verifier_errors,
-            "prompts_skipped": self.counters.prompts_skipped,
-            "prompts_truncated": self.counters.prompts_truncated,
+            **{name: getattr(self.counters, name) for name in RolloutCounters.names()},
             "pass_rates": self.pass_rates.state_dict(),
         }
         if self.ppo_minibatches > 1:
@@ -310,10 +315,8 @@ class RolloutDataModule(LightningDataModule):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.batches_consumed = int(state_dict.get("batches_consumed", 0))
-        self.counters.student_tokens = int(state_dict.get("student_tokens", 0))
-        self.counters.verifier_errors = int(state_dict.get("verifier_errors", 0))
-        self.counters.prompts_skipped = int(state_dict.get("prompts_skipped", 0))
-        self.counters.prompts_truncated = int(state_dict.get("prompts_truncated", 0))
+        for name in RolloutCounters.names():
+            setattr(self.counters, name, int(state_dict.get(name, 0)))
         self.pass_rates.load_state_dict(state_dict.get("pass_rates", {}))
         cached = state_dict.get("minibatches")
         self._minibatches = None
