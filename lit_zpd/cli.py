@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -28,7 +27,7 @@ from lit_zpd.assets import resolve
 from lit_zpd.callbacks.checkpoint import RunCheckpoint
 from lit_zpd.callbacks.report import AccuracyReport
 from lit_zpd.callbacks.rollout_logging import RolloutLogger
-from lit_zpd.checkpoint_io import AtomicCheckpointIO
+from lit_zpd.checkpoint_io import AtomicCheckpointIO, check_checkpoint
 from lit_zpd.model_files import VERIFY_PROMPTS
 from lit_zpd.module import DistillModule
 from lit_zpd.rollout.datamodule import RolloutDataModule
@@ -61,10 +60,42 @@ class LitZpdCLI(LightningCLI):
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.every_n_train_steps": 50, "checkpoint.save_last": True, "checkpoint.save_on_exception": True,
+            # Keep the newest `save_top_k` step files besides last.ckpt, so that a bad newest one
+            # (NaN weights, say) never replaces the last good one.
+            "checkpoint.monitor": "step", "checkpoint.mode": "max", "checkpoint.save_top_k": 2,
         })
         for key, callback in DEFAULT_CALLBACKS.items():
             parser.add_subclass_arguments(callback, key, required=False, fail_untyped=False)
             parser.set_defaults({key: {"class_path": f"{callback.__module__}.{callback.__name__}"}})
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's CLI would replace the ``model`` settings by the checkpoint's here, silently
+        dropping any ``--model.*`` given with ``--ckpt_path``; lit-zpd checks them against the
+        checkpoint instead (``check_resume``), before any model loads. ``--ckpt_path last`` is
+        checked in ``before_fit``, once the run's directory is known."""
+        if not self.config.get("subcommand"):
+            return
+        config = self.config[self.config.subcommand]
+        path = config.get("ckpt_path")
+        if path and path != "last" and config.get("model") is not None:
+            check_resume(path, config.model.as_dict())
+
+    def after_instantiate_classes(self) -> None:
+        """Record the optimizer and scheduler settings in the model's hyperparameters (its
+        checkpoints), so that a resume can tell when they changed."""
+        super().after_instantiate_classes()
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if isinstance(getattr(self, "model", None), DistillModule) and config.get("model") is not None:
+            for key in ("optimizer", "lr_scheduler"):
+                value = config.model.get(key)
+                self.model.hparams[key] = value.as_dict() if hasattr(value, "as_dict") else value
+
+    def before_instantiate_classes(self) -> None:
+        """Check the ``data`` settings before anything is built: the model is instantiated first
+        and loads its weights, which would make a wrong ``data.*`` value cost that time."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.get("data") is not None:
+            RolloutDataModule.check_settings(config.data)
 
     def before_fit(self) -> None:
         """``--ckpt_path last``: the newest ``last.ckpt`` of this run's checkpoint directory (when
@@ -74,12 +105,63 @@ class LitZpdCLI(LightningCLI):
         if config.get("ckpt_path") == "last":
             config["ckpt_path"] = str(newest_last_checkpoint(self.trainer))
             print(f"lit-zpd: resuming from {config['ckpt_path']}", file=sys.stderr)
+            settings = self.config[self.subcommand].get("model")
+            if settings is not None:
+                check_resume(config["ckpt_path"], settings.as_dict())
+        check_writable(self.trainer)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         if config.get("plugins") is None:
             config = config | {"plugins": [AtomicCheckpointIO()]}  # see lit_zpd.checkpoint_io
         defaults = [self._get(self.config_init, key) for key in DEFAULT_CALLBACKS]
         return super()._instantiate_trainer(config, callbacks + [c for c in defaults if c is not None])
+
+
+# Settings a resumed run cannot change (see check_resume): they made the weights
+# and the optimizer state that the checkpoint holds.
+RESUME_FIXED = frozenset({
+    "student", "teacher", "tokenizer", "init_from_config", "init_seed", "lora", "student_dtype", "teacher_dtype",
+    "optimizer", "lr_scheduler",
+})
+
+
+def check_resume(path: str | Path, model: dict[str, Any]) -> None:
+    """Verify the checkpoint at ``path`` (a damaged file is named) and compare the ``model``
+    settings it was trained with to ``model``: a changed setting is applied and announced (loss,
+    micro-batching, gradient checkpointing, the non-finite policy), or refused with a
+    ``ValueError`` when it made the weights or the optimizer state (``RESUME_FIXED``)."""
+    if not Path(path).is_file():
+        return  # Lightning names a missing file
+    check_checkpoint(path)
+    saved = torch.load(path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+    changed = resume_changes(saved, model)
+    refused = {key: change for key, change in changed.items() if key.split(".")[0] in RESUME_FIXED}
+    if refused:
+        lines = "\n".join(f"  model.{key}: {old!r} in the checkpoint, {new!r} now" for key, (old, new) in refused.items())
+        raise ValueError(
+            f"--ckpt_path {path}: a resumed run keeps the model and optimizer it was trained with, and these differ:\n"
+            f"{lines}\nresume without changing them, or start a new run (without --ckpt_path)"
+        )
+    for key, (old, new) in changed.items():
+        print(f"lit-zpd: resuming with model.{key} = {new!r} (the checkpoint's run had {old!r})", file=sys.stderr)
+
+
+def resume_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (saved value, current value)}`` for every setting that differs, compared
+    down to the deepest level where both are mappings; keys the checkpoint does not record (older
+    runs, Lightning's ``_instantiator``) are not compared."""
+    changes: dict[str, tuple[Any, Any]] = {}
+
+    def compare(old: Any, new: Any, key: str) -> None:
+        if isinstance(old, dict) and isinstance(new, dict):
+            for name, value in old.items():
+                if not name.startswith("_"):
+                    compare(value, new.get(name), f"{key}.{name}" if key else name)
+        elif old != new:
+            changes[key] = (old, new)
+
+    compare(saved, current, "")
+    return changes
 
 
 def newest_last_checkpoint(trainer: Trainer) -> Path:
@@ -95,6 +177,25 @@ def newest_last_checkpoint(trainer: Trainer) -> Path:
     if not found:
         raise FileNotFoundError(f"--ckpt_path last: no {pattern} under {where}; start without --ckpt_path, or name a checkpoint file")
     return found[-1]
+
+
+def check_writable(trainer: Trainer) -> None:
+    """Write and remove a file in the run's log directory and checkpoint directory, so that a
+    directory that cannot be written fails the run at its start, not at its first checkpoint."""
+    checkpoint = trainer.checkpoint_callback
+    places = {"log directory (trainer.logger.init_args.save_dir, trainer.default_root_dir)": trainer.log_dir}
+    if checkpoint is not None and getattr(checkpoint, "dirpath", None):
+        places["checkpoint directory (checkpoint.dirpath)"] = checkpoint.dirpath
+    for what, path in places.items():
+        if path is None or "://" in str(path):
+            continue  # no logger, or a remote filesystem that fsspec will report on
+        probe = Path(path) / f".lit_zpd_write_check.{os.getpid()}"
+        try:
+            probe.parent.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            raise OSError(f"the {what} {path} cannot be written: {error}; choose a writable directory") from error
 
 
 def available_cpus(cgroup: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:

@@ -197,3 +197,22 @@ def test_measurements_keep_the_problems_whose_built_prompts_fit(make_context) ->
     assert ctx.fitting(problems, lambda p: p.prompt, lambda p: "abc" + p.prompt) == []
     truncating = make_context(prompt=PromptFormat(max_tokens=8, overlong="truncate"))
     assert truncating.fitting(problems, lambda p: "abc" + p.prompt) == problems
+
+
+# ------------------------------------------------------------------------------ characters the tokenizer lacks
+
+
+def test_characters_the_tokenizer_cannot_encode_are_found() -> None:
+    encoder = PromptEncoder(build_char_tokenizer())
+    assert encoder.lost_characters(["5 € for 3×4", "12+3=?\n"]) == {"€", "×"}
+    assert encoder.lost_characters(["12+3=?\n", ""]) == set()
+
+
+def test_problems_holding_them_are_named_in_a_warning_at_load_time(make_context) -> None:
+    rows = [Problem("ok", "1+2=?\n", "3"), Problem("euro", "5€+1€=?\n", "6€"), Problem("times", "3×4=?\n", "12")]
+    source = ListSource(0)
+    source.rows = rows
+    ctx = make_context(source=source)
+    ctx.tokenizer = build_char_tokenizer()
+    with pytest.warns(UserWarning, match=r"cannot encode '×€', found in 2 train problems \(first: euro, times\)"):
+        assert len(ctx.problems("train")) == 3  # kept: the prompt is still readable

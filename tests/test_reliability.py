@@ -31,13 +31,16 @@ class PoisonStep(Callback):
         self.weights[trainer.global_step] = {k: v.clone() for k, v in pl_module.student.state_dict().items()}
 
 
-def _fit(module: DistillModule, tmp_path: Path, steps: int, every: int, *callbacks: Callback) -> Trainer:
+def _fit(
+    module: DistillModule, tmp_path: Path, steps: int, every: int, *callbacks: Callback,
+    ckpt_path: str | None = None, **data: Any,
+) -> Trainer:
     checkpoint = RunCheckpoint(dirpath=tmp_path, every_n_train_steps=every, save_last=True, save_on_exception=True)
     trainer = Trainer(
         max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[checkpoint, *callbacks],
     )
-    trainer.fit(module, datamodule=make_data(data_source="reference", prompts_per_step=2))
+    trainer.fit(module, datamodule=make_data(**({"data_source": "reference", "prompts_per_step": 2} | data)), ckpt_path=ckpt_path)
     return trainer
 
 
@@ -224,3 +227,170 @@ def test_ckpt_path_last_resumes_the_newest_run_of_the_logger_directory(tmp_path:
     assert fit(5, "--ckpt_path=last") == 4  # and version_2 the newer version_1's
     with pytest.raises(FileNotFoundError, match="--ckpt_path last: no last.ckpt under"):
         fit(6, "--ckpt_path=last", f"--checkpoint.dirpath={tmp_path / 'empty'}")
+
+
+def _cli_fit(tmp_path: Path, *extra: str) -> None:
+    from lit_zpd.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    main([
+        "fit", f"--config={root / 'configs' / 'sft.yaml'}", "--report=null", "--trainer.val_check_interval=100",
+        "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.logger.init_args.save_dir={tmp_path}", *extra,
+    ])
+
+
+def test_the_last_good_checkpoints_are_kept_besides_the_newest(tmp_path: Path) -> None:
+    """Lightning's default keeps one step file and deletes the one before; lit-zpd keeps
+    ``checkpoint.save_top_k`` (2) of the newest besides ``last.ckpt``."""
+    for keep, steps in ((None, 4), (3, 5)):
+        where = tmp_path / f"keep_{keep}"
+        _cli_fit(
+            where, "--trainer.max_steps=" + str(steps), "--checkpoint.every_n_train_steps=1", f"--checkpoint.dirpath={where}",
+            *([f"--checkpoint.save_top_k={keep}"] if keep else []),
+        )
+        kept = sorted(p.name for p in where.glob("*.ckpt"))
+        newest = range(steps - (keep or 2) + 1, steps + 1)
+        assert kept == sorted([*(f"epoch=0-step={s}.ckpt" for s in newest), "last.ckpt"])
+        assert _saved(where / f"epoch=0-step={steps - 1}.ckpt")["global_step"] == steps - 1
+
+
+@pytest.mark.parametrize("key", ["--trainer.logger.init_args.save_dir", "--checkpoint.dirpath"])
+def test_a_directory_that_cannot_be_written_fails_the_run_at_its_start(
+    key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A directory under a regular file can be neither made nor written (as root too)."""
+    from lit_zpd.module import DistillModule
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    steps: list[int] = []
+    monkeypatch.setattr(DistillModule, "training_step", lambda self, *a: steps.append(1))
+    with pytest.raises(OSError, match=rf"\({key.removeprefix('--')}.*\) {blocker}/logs.* cannot be written"):
+        _cli_fit(tmp_path, "--trainer.max_steps=2", f"{key}={blocker / 'logs'}")
+    assert steps == []
+
+
+# ------------------------------------------------------------------------------ bad problems, engine faults
+
+
+def test_a_problem_that_makes_sampling_raise_is_skipped_counted_and_named(make_context: Any) -> None:
+    """The scripted engine raises (KeyError) on the prompt it has no answer for: the batch call
+    fails, each prompt is sampled alone, and only that problem sits out."""
+    from lit_zpd.rollout.pass_rates import PassRateSettings
+    from lit_zpd.rollout.pipeline import RolloutPipeline
+    from lit_zpd.rollout.sampler import ProblemSampler
+    from tests.conftest import ListSource, ScriptedEngine
+
+    ctx = make_context(ScriptedEngine({"0+1=?\n": ["\\boxed{1}"], "2+1=?\n": ["\\boxed{3}"]}), source=ListSource(3))
+    pipeline = RolloutPipeline(
+        ctx, ProblemSampler(ctx.source.problems("train"), 3, seed=0), [], samples_per_prompt=2, data_source="student",
+        lmbda=None, off_policy_source="teacher", teacher_samples_per_prompt=1, teacher_correct_only=False,
+        advantage_estimator="grpo", advantage_scale_by_std=True, pass_rate=PassRateSettings(),
+    )
+    with pytest.warns(UserWarning, match=r"rollout 0: problem 'p1' skipped, sampling raised KeyError"):
+        batch = pipeline.rollout(0)
+    assert sorted(set(batch.problem_ids)) == ["p0", "p2"]
+    assert ctx.counters.problems_failed == 1
+    assert batch.metrics["rollout/problems_failed_total"] == 1.0
+
+
+def test_a_problem_that_makes_tokenising_raise_is_skipped_and_the_run_resumes(
+    tiny_student: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: the same batch raised on every resume. Now the problem is skipped at every visit,
+    and a resumed run goes past the step where it would have crashed."""
+    from lit_zpd.loss_config import LossConfig
+    from lit_zpd.rollout.prompts import PromptEncoder
+    from tests.conftest import ListSource
+
+    encode = PromptEncoder.encode
+
+    def raising(self: PromptEncoder, prompt: str) -> list[int]:
+        if prompt.startswith("1+1"):
+            raise ValueError("the tokenizer cannot read this row")
+        return encode(self, prompt)
+
+    monkeypatch.setattr(PromptEncoder, "encode", raising)
+    data = {"data_source": "student", "source": ListSource(3), "prompts_per_step": 3}
+
+    def module() -> DistillModule:
+        return DistillModule(student=tiny_student, teacher=None, loss=LossConfig(policy=1.0))
+
+    with pytest.warns(UserWarning, match=r"problem 'p1' skipped, tokenising its prompt raised ValueError: the tokenizer"):
+        first = _fit(module(), tmp_path, 2, 1, **data)
+    assert first.datamodule.counters.problems_failed == 2  # drawn at both steps
+    resumed = _fit(module(), tmp_path, 4, 1, ckpt_path=str(tmp_path / "last.ckpt"), **data)
+    assert resumed.global_step == 4
+    assert resumed.datamodule.counters.problems_failed == 4  # the count is kept in the checkpoint
+
+
+def _fail_from(module: DistillModule, original: Any, step: int) -> Any:
+    """An engine method that raises from optimizer step ``step`` on, as a lost device would."""
+
+    def method(engine: Any, *args: Any) -> Any:
+        if module.trainer.global_step >= step:
+            raise RuntimeError("device lost")
+        return original(engine, *args)
+
+    return method
+
+
+@pytest.mark.parametrize(
+    ("method", "message"),
+    [
+        ("generate", r"the HFEngine engine failed on every prompt of rollout 2 \(weights of optimizer step 2\)"),
+        ("sync_weights", r"the HFEngine engine failed to take the weights of optimizer step 2"),
+    ],
+)
+def test_an_engine_fault_leaves_a_checkpoint_of_the_last_completed_step(
+    method: str, message: str, tiny_student: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from lit_zpd.loss_config import LossConfig
+    from lit_zpd.rollout.context import EngineFault
+    from lit_zpd.rollout.hf_engine import HFEngine
+
+    module = DistillModule(student=tiny_student, teacher=None, loss=LossConfig(policy=1.0))
+    monkeypatch.setattr(HFEngine, method, _fail_from(module, getattr(HFEngine, method), step=2))
+    with pytest.raises(EngineFault, match=message + ": RuntimeError: device lost"):
+        _fit(module, tmp_path, 5, 50, data_source="student")
+    last = _saved(tmp_path / "last.ckpt")
+    assert last["global_step"] == 2
+    assert torch.equal(last["state_dict"]["student.model.embed_tokens.weight"], module.student.model.embed_tokens.weight)
+    err = capsys.readouterr().err
+    assert f"the run failed after step 2 with EngineFault; saved to {tmp_path / 'last.ckpt'}" in err
+
+
+def test_a_changed_setting_on_resume_is_applied_or_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Lightning's CLI replaces ``--model.*`` by the checkpoint's settings on resume; lit-zpd applies
+    a changed loss setting (announced, and the resumed run's checkpoint records it) and refuses a
+    change to what built the weights or the optimizer state, before any model loads."""
+    first = tmp_path / "first"
+    _cli_fit(first, "--trainer.max_steps=2", f"--checkpoint.dirpath={first}")
+    capsys.readouterr()
+
+    _cli_fit(tmp_path / "same", "--trainer.max_steps=3", f"--ckpt_path={first / 'last.ckpt'}")
+    assert "lit-zpd: resuming with" not in capsys.readouterr().err
+
+    second = tmp_path / "second"
+    _cli_fit(second, "--trainer.max_steps=3", f"--checkpoint.dirpath={second}", f"--ckpt_path={first / 'last.ckpt'}",
+             "--model.loss.forward_kl=0.5")
+    assert "lit-zpd: resuming with model.loss.forward_kl = 0.5 (the checkpoint's run had 0.0)" in capsys.readouterr().err
+    resumed = _saved(second / "last.ckpt")
+    assert resumed["global_step"] == 3 and resumed["hyper_parameters"]["loss"]["forward_kl"] == 0.5
+
+    import lit_zpd.module
+
+    loaded = []
+    original = lit_zpd.module._load_student
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lit_zpd.module, "_load_student", lambda *a, **k: loaded.append(1) or original(*a, **k))
+        for change, named in (
+            ("--model.lora.r=4", "model.lora: None in the checkpoint"),
+            ("--model.optimizer.init_args.lr=0.01", "model.optimizer.init_args.lr: 0.001 in the checkpoint, 0.01 now"),
+        ):
+            with pytest.raises(ValueError, match="a resumed run keeps the model and optimizer") as error:
+                _cli_fit(tmp_path / "refused", "--trainer.max_steps=3", f"--ckpt_path={first / 'last.ckpt'}", change)
+            assert named in str(error.value)
+    assert not loaded

@@ -39,10 +39,12 @@ class RunCheckpoint(ModelCheckpoint):
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         super().on_exception(trainer, pl_module, exception)
-        if isinstance(exception, SIGTERMException) and trainer.is_global_zero:
-            where = self.last_model_path or self.best_model_path or "no checkpoint (nothing was trained yet)"
-            print(
-                f"lit-zpd: stopped by SIGTERM after step {trainer.global_step}; saved to {where}; "
-                f"resume with --ckpt_path {where}",
-                file=sys.stderr,
-            )
+        if not trainer.is_global_zero:
+            return
+        if isinstance(exception, SIGTERMException):
+            what = f"stopped by SIGTERM after step {trainer.global_step}"
+        else:
+            what = f"the run failed after step {trainer.global_step} with {type(exception).__name__}"
+        where = self.last_model_path or self.best_model_path
+        saved = f"saved to {where}; resume with --ckpt_path {where}" if where else "nothing was saved (no step was completed)"
+        print(f"lit-zpd: {what}; {saved}", file=sys.stderr)

@@ -22,7 +22,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -44,14 +44,28 @@ EngineFactory = Callable[[nn.Module], RolloutEngine]
 
 @dataclass
 class RolloutCounters:
-    """Run totals, saved in checkpoints: student rollout tokens (the RL budget), verifier errors
-    (responses, in training or evaluation, scored 0 because the verifier raised), and rollout
-    prompts skipped or truncated for their length."""
+    """Run totals, saved in checkpoints and logged as ``rollout/<name>_total``: student rollout
+    tokens (the RL budget), verifier errors (responses, in training or evaluation, scored 0
+    because the verifier raised), rollout prompts skipped or truncated for their length, and
+    problems skipped because encoding, sampling or scoring them raised."""
 
     student_tokens: int = 0
     verifier_errors: int = 0
     prompts_skipped: int = 0
     prompts_truncated: int = 0
+    problems_failed: int = 0
+
+    def add(self, other: RolloutCounters) -> None:
+        for name in self.names():
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+class EngineFault(RuntimeError):
+    """A rollout engine failed as a whole (in generation on every prompt, or in weight sync)."""
 
 
 @contextmanager
@@ -163,7 +177,8 @@ class RolloutContext:
     def problems(self, split: str) -> list[Problem]:
         """The source's problems of ``split`` whose prompt fits (see :mod:`lit_zpd.rollout.prompts`):
         under ``overlong: skip`` the others are left out, counted in ``overlong_problems`` and
-        named in a warning, once per split."""
+        named in a warning, once per split. Characters of prompts or answers that the tokenizer
+        cannot encode are named in a warning with the problems that hold them."""
         if split not in self._splits:
             problems = self.source.problems(split)  # type: ignore[arg-type]
             if self.prompts.format.overlong == "skip" and self.prompts.max_tokens is not None:
@@ -178,6 +193,8 @@ class RolloutContext:
                             stacklevel=2,
                         )
                 problems = kept
+            if self.rank == 0:
+                _warn_lost_characters(self.prompts, split, problems)
             self._splits[split] = problems
         return list(self._splits[split])
 
@@ -252,8 +269,14 @@ class RolloutContext:
             self._engines[key] = self._engine_factory(model)
         if self._synced.get(key) != self.policy_version:
             start = time.perf_counter()
-            with self.profile("rollout.weight_sync"):
-                self._engines[key].sync_weights(model)
+            try:
+                with self.profile("rollout.weight_sync"):
+                    self._engines[key].sync_weights(model)
+            except Exception as error:
+                raise EngineFault(
+                    f"the {type(self._engines[key]).__name__} engine failed to take the weights of optimizer step "
+                    f"{self.policy_version}: {type(error).__name__}: {error}"
+                ) from error
             self.sync_seconds += time.perf_counter() - start
             self._synced[key] = self.policy_version
         return self._engines[key]
@@ -267,6 +290,16 @@ class RolloutContext:
         return RolloutGroup(
             spec=spec, token_ids=token_ids, texts=texts,
             rewards=[self.reward(t, spec.problem.answer) for t in texts], sampling_logprobs=logprobs,
+        )
+
+    def skip_problem(self, rollout_index: int, problem: Problem, stage: str, error: BaseException) -> None:
+        """Count a problem left out of rollout ``rollout_index`` because ``stage`` raised, and
+        name it in a warning (``rollout/problems_failed_total``)."""
+        self._pending.problems_failed += 1
+        warnings.warn(
+            f"rank {self.rank}, rollout {rollout_index}: problem {problem.problem_id!r} skipped, {stage} raised "
+            f"{type(error).__name__}: {error}",
+            stacklevel=3,
         )
 
     def reward(self, response: str, answer: str) -> float:
@@ -357,10 +390,7 @@ class RolloutContext:
     def reduce_counters(self, parts: list[RolloutCounters]) -> None:
         """Add every rank's pending counts (from a gather) to the run totals."""
         for part in parts:
-            self.counters.student_tokens += part.student_tokens
-            self.counters.verifier_errors += part.verifier_errors
-            self.counters.prompts_skipped += part.prompts_skipped
-            self.counters.prompts_truncated += part.prompts_truncated
+            self.counters.add(part)
 
     def take_pending(self) -> RolloutCounters:
         """This rank's counts since the last call, to be gathered and reduced."""
@@ -423,3 +453,18 @@ class RolloutContext:
         if budget:
             self.count_student_tokens(generated)
         return batch
+
+
+def _warn_lost_characters(prompts: PromptEncoder, split: str, problems: list[Problem], shown: int = 5) -> None:
+    """Warn, naming the characters and the first ``shown`` problems holding them, when the
+    tokenizer loses characters of prompts or answers (see :meth:`PromptEncoder.lost_characters`)."""
+    lost = prompts.lost_characters([p.prompt + p.answer + (p.reference or "") for p in problems])
+    if not lost:
+        return
+    holding = [p.problem_id for p in problems if lost & set(p.prompt + p.answer + (p.reference or ""))]
+    warnings.warn(
+        f"the tokenizer cannot encode {''.join(sorted(lost))!r}, found in {len(holding)} {split} problems "
+        f"(first: {', '.join(holding[:shown])}): prompts are read without these characters, and an answer holding "
+        "one can never be scored right; rewrite them (e.g. x for ×) or use a tokenizer that has them",
+        stacklevel=3,
+    )

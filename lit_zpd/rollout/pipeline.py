@@ -13,14 +13,16 @@ REINFORCE++'s batch statistics and PACED's normalisation are global and identica
 from __future__ import annotations
 
 import random
-from typing import Literal
+from collections.abc import Callable
+from typing import Literal, TypeVar
 
 import torch
 
 from lit_zpd.loss_config import ROLLOUT_TERMS, TEACHER_TERMS, LossConfig
 from lit_zpd.losses import group_advantages, reinforce_pp_advantages
 from lit_zpd.rollout.batch import RolloutBatch, build_batch
-from lit_zpd.rollout.context import RolloutContext
+from lit_zpd.rollout.context import EngineFault, RolloutContext, RolloutCounters
+from lit_zpd.rollout.engine import Completion, RolloutEngine, SamplingConfig
 from lit_zpd.rollout.pass_rates import PassRateSettings
 from lit_zpd.rollout.plan import (
     DataSource,
@@ -36,6 +38,7 @@ from lit_zpd.rollout.plan import (
 from lit_zpd.rollout.sampler import ProblemSampler
 
 AdvantageEstimator = Literal["grpo", "reinforce_pp"]
+T = TypeVar("T")
 
 
 class RolloutPipeline:
@@ -116,7 +119,8 @@ class RolloutPipeline:
                 raise RuntimeError(
                     f"rollout {index} has no responses: data.teacher_correct_only or the TeacherAdapter dropped every "
                     "problem without a correct teacher sample (raise data.teacher_samples_per_prompt), or every prompt "
-                    "was over the prompt limit (data.prompt.max_tokens; rollout/prompts_skipped_total counts them)"
+                    "was over the prompt limit (data.prompt.max_tokens; rollout/prompts_skipped_total counts them), or "
+                    "raised when tokenised, sampled or scored (the warnings name them; rollout/problems_failed_total)"
                 )
             if plan.on_policy:
                 ctx.count_student_tokens(sum(len(ids) for g in groups for ids in g.token_ids))
@@ -140,10 +144,7 @@ class RolloutPipeline:
         batch.rollout_index = batch.batch_index = index
         batch.loss = plan.loss
         batch.metrics = plan.metrics | {
-            "rollout/student_tokens_total": float(ctx.counters.student_tokens),
-            "rollout/verifier_errors_total": float(ctx.counters.verifier_errors),
-            "rollout/prompts_skipped_total": float(ctx.counters.prompts_skipped),
-            "rollout/prompts_truncated_total": float(ctx.counters.prompts_truncated),
+            **{f"rollout/{name}_total": float(getattr(ctx.counters, name)) for name in RolloutCounters.names()},
             "rollout/weight_sync_seconds": ctx.sync_seconds,
             "rollout/pass_rate_measurements": float(measurements),
         }
@@ -189,31 +190,86 @@ class RolloutPipeline:
             check_loss_and_source(self.ctx.loss, source, self.ctx.teacher is not None)
 
     def _respond(self, plan: RolloutPlan, specs: list[PromptSpec]) -> list[RolloutGroup]:
+        """The sample phase: responses to ``specs`` from ``plan.data_source``, scored. A problem
+        whose prompt cannot be tokenised, sampled or scored is skipped (see :meth:`_guarded`)."""
         ctx = self.ctx
-        specs = ctx.admit(specs)
+        specs = [s for s, kept in self._guarded(plan, "tokenising its prompt", specs, lambda s: ctx.admit([s])) if kept]
         if plan.data_source == "reference":
             missing = [s.problem.problem_id for s in specs if s.problem.reference is None]
             if missing:
                 raise ValueError(f"problem {missing[0]!r} has no reference solution")
-            return [ctx.score(s, [ctx.tokenize(s.problem.reference) + [ctx.tokenizer.eos_token_id]]) for s in specs]  # type: ignore[operator]
+
+            def answer(spec: PromptSpec) -> RolloutGroup:
+                return ctx.score(spec, [ctx.tokenize(spec.problem.reference) + [ctx.tokenizer.eos_token_id]])  # type: ignore[arg-type]
+
+            return [group for _, group in self._guarded(plan, "scoring its reference", specs, answer)]
         if plan.on_policy:
             model, n, sampling = ctx.student, self.samples_per_prompt, ctx.sampling
         else:
             model, n, sampling = ctx.teacher, self.teacher_samples_per_prompt, ctx.teacher_sampling
         teacher_side = plan.data_source == "teacher"
-        prompts = [ctx.encode_prompt(s.teacher_prompt if teacher_side and s.teacher_prompt else s.student_prompt) for s in specs]
-        engine = ctx.engine_for(model)
-        with ctx.profile("rollout.sampling"):
-            completions = engine.generate(prompts, n, sampling)
+
+        def prompt(spec: PromptSpec) -> list[int]:
+            return ctx.encode_prompt(spec.teacher_prompt if teacher_side and spec.teacher_prompt else spec.student_prompt)
+
+        encoded = self._guarded(plan, "tokenising its prompt", specs, prompt)
+        answered = self._generate(plan, ctx.engine_for(model), encoded, n, sampling)
+        sampled = {id(spec): samples for spec, samples in answered}
+
+        def score(spec: PromptSpec) -> RolloutGroup:
+            samples = sampled[id(spec)]
+            return ctx.score(spec, [c.token_ids for c in samples], [c.logprobs for c in samples] if plan.on_policy else None)
+
         groups = []
-        for spec, samples in zip(specs, completions):
-            logprobs = [c.logprobs for c in samples] if plan.on_policy else None
-            group = ctx.score(spec, [c.token_ids for c in samples], logprobs)
+        for _, group in self._guarded(plan, "scoring", [spec for spec, _ in answered], score):
             if teacher_side and self.teacher_correct_only:
                 group = _keep_correct(group)
             if group.token_ids:
                 groups.append(group)
         return groups
+
+    def _guarded(
+        self, plan: RolloutPlan, stage: str, specs: list[PromptSpec], work: Callable[[PromptSpec], T]
+    ) -> list[tuple[PromptSpec, T]]:
+        """``work(spec)`` for every spec, leaving out each spec whose work raises: its problem is
+        skipped for this rollout, counted (``rollout/problems_failed_total``) and named in a
+        warning, so that one bad row neither stops the run nor stops every resume of it."""
+        done = []
+        for spec in specs:
+            try:
+                done.append((spec, work(spec)))
+            except Exception as error:  # noqa: BLE001 - a bad row may make a tokenizer or engine raise anything
+                self.ctx.skip_problem(plan.rollout_index, spec.problem, stage, error)
+        return done
+
+    def _generate(
+        self, plan: RolloutPlan, engine: RolloutEngine, encoded: list[tuple[PromptSpec, list[int]]], n: int, sampling: SamplingConfig
+    ) -> list[tuple[PromptSpec, list[Completion]]]:
+        """``n`` completions of every encoded prompt, in one engine call. When that call raises,
+        each prompt is sampled alone to find the ones that make it raise (skipped as in
+        :meth:`_guarded`); an engine that fails on every prompt is an engine fault."""
+        if not encoded:
+            return []
+        ctx = self.ctx
+        try:
+            with ctx.profile("rollout.sampling"):
+                return list(zip([s for s, _ in encoded], engine.generate([ids for _, ids in encoded], n, sampling)))
+        except Exception as error:  # noqa: BLE001 - isolated below, or re-raised as an engine fault
+            first = error
+        answered, failed = [], []
+        for spec, ids in encoded:
+            try:
+                answered.append((spec, engine.generate([ids], n, sampling)[0]))
+            except Exception as error:  # noqa: BLE001 - as above
+                failed.append((spec, error))
+        if not answered:
+            raise EngineFault(
+                f"the {type(engine).__name__} engine failed on every prompt of rollout {plan.rollout_index} "
+                f"(weights of optimizer step {plan.policy_version}): {type(first).__name__}: {first}"
+            ) from first
+        for spec, error in failed:
+            ctx.skip_problem(plan.rollout_index, spec.problem, "sampling", error)
+        return answered
 
     def _adapt(self, plan: RolloutPlan, groups: list[RolloutGroup]) -> list[RolloutGroup]:
         """The adapt phase: on teacher or reference batches, the owner of ``responses`` may
@@ -241,15 +297,18 @@ class RolloutPipeline:
         if not stale:
             return []
         sampling = self.pass_rate.sampling(ctx.sampling.max_new_tokens)
-        prompts = [ctx.encode_prompt(p.prompt) for p in stale.values()]
+        specs = [PromptSpec(p) for p in stale.values()]
+        encoded = self._guarded(plan, "tokenising its prompt", specs, lambda s: ctx.encode_prompt(s.problem.prompt))
         engine = ctx.engine_for(ctx.student)
-        with ctx.seeded("paced", plan.rollout_index), ctx.profile("rollout.sampling"):
-            completions = engine.generate(prompts, self.pass_rate.rollouts, sampling)
-        ctx.count_student_tokens(sum(len(c.token_ids) for samples in completions for c in samples))
-        return [
-            ctx.score(PromptSpec(problem), [c.token_ids for c in samples]).summary(ctx.rank, on_policy=True)
-            for problem, samples in zip(stale.values(), completions)
-        ]
+        with ctx.seeded("paced", plan.rollout_index):
+            answered = self._generate(plan, engine, encoded, self.pass_rate.rollouts, sampling)
+        ctx.count_student_tokens(sum(len(c.token_ids) for _, samples in answered for c in samples))
+        sampled = {id(spec): samples for spec, samples in answered}
+
+        def summary(spec: PromptSpec) -> GroupSummary:
+            return ctx.score(spec, [c.token_ids for c in sampled[id(spec)]]).summary(ctx.rank, on_policy=True)
+
+        return [summary for _, summary in self._guarded(plan, "scoring", [spec for spec, _ in answered], summary)]
 
     def _gather(
         self, plan: RolloutPlan, groups: list[RolloutGroup], measured: list[GroupSummary]

@@ -157,6 +157,16 @@ class PromptEncoder:
                 low = mid + 1
         return prompt[high:]
 
+    def lost_characters(self, texts: list[str]) -> set[str]:
+        """The characters of ``texts`` that do not survive encoding and decoding (a character
+        tokenizer maps ``€`` to its unknown token, which decoding drops): an answer holding one
+        can never be written, a prompt holding one is read without it."""
+        characters = sorted({c for text in texts for c in text if not c.isspace()})
+        if not characters:
+            return set()
+        ids = self.tokenizer(characters, add_special_tokens=False)["input_ids"]
+        return {c for c, i in zip(characters, ids) if c not in self.tokenizer.decode(i, skip_special_tokens=True)}
+
     def lengths(self, prompts: list[str]) -> list[int]:
         """Token counts of many prompts, in one tokenizer call."""
         return [len(ids) for ids in self.tokenizer([self.text(p) for p in prompts], add_special_tokens=False)["input_ids"]]
