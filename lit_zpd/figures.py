@@ -6,7 +6,9 @@ scalars.
 rollout's tokens coloured by their node's alignment. :func:`mastery_map` draws IOA's curriculum (:class:`~lit_zpd.callbacks.curriculum.CurriculumScheduler`)
 as a heat map: one row per (skill, level) cell in curriculum order, one column per probe, the
 colour the mastery ratio ``P_S / P_T``, the frontier (cells being taught) outlined in black and
-the mastery bar marked on the colour scale. matplotlib draws off-screen (the Agg backend).
+the mastery bar marked on the colour scale. :func:`accuracy_by_skill` draws the accuracy report
+(:class:`~lit_zpd.callbacks.report.AccuracyReport`): per skill, the greedy accuracy of each model
+and moment side by side. matplotlib draws off-screen (the Agg backend).
 """
 
 from __future__ import annotations
@@ -71,6 +73,32 @@ def alignment_by_depth(by_depth: dict[str, dict[str, dict[int, float]]]) -> Figu
     ax.set_ylabel("cosine(ideal, distillation)")
     ax.set_title("gradient alignment by depth", fontsize=10)
     if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    return fig
+
+
+def accuracy_by_skill(columns: dict[str, dict[str, float]]) -> Figure:
+    """Greedy accuracy per skill (``all`` last), one bar per column: grouped bars of, say, the
+    student at the start, the teacher at the start and the student at the end.
+
+    Args:
+        columns: ``{column name: summary}``, the summaries of :func:`lit_zpd.report.summarize`
+            (their ``greedy/<skill>`` keys are drawn); a skill a column lacks has no bar there.
+    """
+    skills = dict.fromkeys(k.removeprefix("greedy/") for c in columns.values() for k in c if k.startswith("greedy/"))
+    skills = sorted(skills, key=lambda skill: skill == "all")  # in the order met, ``all`` last
+    width = 0.8 / max(len(columns), 1)
+    fig, ax = plt.subplots(figsize=(2.0 + 0.3 * len(skills) * max(len(columns), 2), 3.8), dpi=100)
+    for i, (name, summary) in enumerate(columns.items()):
+        drawn = [(x, summary[f"greedy/{skill}"]) for x, skill in enumerate(skills) if f"greedy/{skill}" in summary]
+        ax.bar([x + (i - (len(columns) - 1) / 2) * width for x, _ in drawn], [v for _, v in drawn], width,
+               color=f"C{i}", label=name)
+    ax.set_xticks(range(len(skills)), skills, rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0.0, 1.0)
+    ax.set_ylabel("greedy accuracy")
+    ax.set_title("greedy accuracy per skill", fontsize=10)
+    if columns:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return fig

@@ -51,9 +51,16 @@ def forgetting(solved_before: list[str], results: EvalBatch) -> dict[str, float]
     return out
 
 
-def accuracy_table(columns: dict[str, dict[str, float]]) -> str:
-    """A plain-text table: one row per metric, one column per model or moment."""
+def accuracy_table(columns: dict[str, dict[str, float]], markdown: bool = False) -> str:
+    """A table with one row per metric and one column per model or moment: plain text for the
+    console, or a markdown table (``markdown=True``) for TensorBoard's text tab. A cell a column
+    lacks reads ``-``."""
     keys = list(dict.fromkeys(k for summary in columns.values() for k in summary))
+    if markdown:
+        lines = ["| metric | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+        for key in keys:
+            lines.append(f"| {key} | " + " | ".join(f"{c[key]:.3f}" if key in c else "-" for c in columns.values()) + " |")
+        return "\n".join(lines)
     width = max([len(k) for k in keys] + [6])
     header = f"{'metric':<{width}}  " + "  ".join(f"{name:>16}" for name in columns)
     lines = [header, "-" * len(header)]

@@ -41,6 +41,31 @@ def test_table_marks_missing_cells() -> None:
     assert lines[3].split() == ["partial_fraction", "0.100", "-"]
 
 
+def test_markdown_table_has_a_row_per_metric_and_a_column_per_model() -> None:
+    text = accuracy_table({"teacher": {"greedy/all": 1.0, "partial_fraction": 0.1}, "student": {"greedy/all": 0.25}}, markdown=True)
+    assert text.splitlines() == [
+        "| metric | teacher | student |", "|---|---:|---:|", "| greedy/all | 1.000 | 0.250 |", "| partial_fraction | 0.100 | - |",
+    ]
+
+
+def test_accuracy_by_skill_draws_a_bar_per_model_and_skill() -> None:
+    from lit_zpd.figures import accuracy_by_skill
+
+    start = summarize(results(["b", "a", "b"], [1.0, 0.0, 0.0], [0.5, 0.0, 1.0]))
+    end = summarize(results(["b", "a", "b", "c"], [1.0, 1.0, 1.0, 0.0]))
+    fig = accuracy_by_skill({"student (start)": start, "teacher (start)": {"greedy/all": 0.9}, "student (end)": end})
+    ax = fig.axes[0]
+    assert [label.get_text() for label in ax.get_xticklabels()] == ["b", "a", "c", "all"]
+    bars = {  # name: (skill under the bar, its height) per bar
+        name: [(round(bar.get_x() + bar.get_width() / 2), round(bar.get_height(), 3)) for bar in container]
+        for name, container in zip(ax.get_legend_handles_labels()[1], ax.containers)
+    }
+    assert bars == {
+        "student (start)": [(0, 0.5), (1, 0.0), (3, 0.333)], "teacher (start)": [(3, 0.9)],
+        "student (end)": [(0, 1.0), (1, 1.0), (2, 0.0), (3, 0.75)],
+    }
+
+
 def test_forgetting_counts_only_problems_solved_before() -> None:
     def graded(correct: list[float]) -> EvalBatch:
         return results(["a", "a", "b", "c"], correct, ids=["p1", "p2", "p3", "p4"])
