@@ -6,7 +6,10 @@ Loaded by the ``lit-zpd`` processes the DDP tests start
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +22,10 @@ from lit_zpd.rollout.plan import RolloutHook
 
 class RankRecorder(Callback):
     """Writes ``<out_dir>/rank<k>.json``: the batches this rank trained on (step, rollout,
-    minibatch, problem ids, kinds, replayed rows' ids), and at the end of ``fit`` the states of
-    the rollout hooks and the library's other callbacks (checkpointing aside), the data module's rollout state and a digest of the student's weights.
+    minibatch, problem ids, kinds, policy version, the step's loss as an exact hex float), and at
+    the end of ``fit`` the states of the rollout hooks and the library's other callbacks
+    (checkpointing aside), the data module's state, and digests of the student's weights (sums,
+    and a SHA-256 of their bytes) and of the optimizer's state.
 
     Args:
         out_dir: Where the files go.
@@ -36,6 +41,10 @@ class RankRecorder(Callback):
             "problem_ids": batch.problem_ids, "kinds": batch.kinds, "policy_version": batch.policy_version,
         })
 
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        self.batches[-1]["loss"] = None if loss is None else float(loss).hex()
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         data = trainer.datamodule
         weights = torch.cat([p.detach().flatten().double() for p in pl_module.student.parameters()])
@@ -50,6 +59,9 @@ class RankRecorder(Callback):
                 and not isinstance(cb, ModelCheckpoint)
             },
             "pass_rates": data.pass_rates.state_dict(),
+            "data": data.state_dict(),
+            "weights_sha256": _digest(pl_module.student.state_dict()),
+            "optimizer_sha256": _digest([optimizer.state_dict() for optimizer in trainer.optimizers]),
             "student_tokens": data.counters.student_tokens,
             "global_step": trainer.global_step,
             "weights": [float(weights.sum()), float(weights.pow(2).sum())],
@@ -74,6 +86,28 @@ class StopAtStep(Callback):
             trainer.should_stop = True
 
 
+def _digest(tree: Any) -> str:
+    """SHA-256 of a nest of tensors and plain values: equal only when every tensor is bit-equal."""
+    digest = hashlib.sha256()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
+            digest.update(value.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                digest.update(str(key).encode())
+                feed(value[key])
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                feed(item)
+        else:
+            digest.update(repr(value).encode())
+
+    feed(tree)
+    return digest.hexdigest()
+
+
 def _plain(value: Any) -> Any:
     """Tensors (a controller's weights and optimizer state) as nested lists for JSON."""
     if isinstance(value, torch.Tensor):
@@ -95,3 +129,20 @@ class MarkStep(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if trainer.global_step >= self.step:
             Path(self.path).write_text(str(trainer.global_step))
+
+
+class KillAtStep(Callback):
+    """Kills its own process with SIGKILL once optimizer step ``step`` is done and checkpointed,
+    as the next step's batch (a new rollout, or a later minibatch of one) starts: the hard kill a
+    crashed node or an out-of-memory killer deals, with nothing run on the way out.
+
+    Args:
+        step: Optimizer steps to take first.
+    """
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step >= self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
