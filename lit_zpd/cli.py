@@ -11,20 +11,23 @@ keys of their own: ``checkpoint`` (RunCheckpoint), ``report`` (the start/end acc
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_zpd.assets import resolve
 from lit_zpd.callbacks.checkpoint import RunCheckpoint
+from lit_zpd.callbacks.progress import StepProgressBar
 from lit_zpd.callbacks.report import AccuracyReport
 from lit_zpd.callbacks.rollout_logging import RolloutLogger
 from lit_zpd.checkpoint_io import AtomicCheckpointIO, check_checkpoint
@@ -53,8 +56,9 @@ DEFAULT_CALLBACKS: dict[str, type[Callback]] = {"report": AccuracyReport, "rollo
 class LitZpdCLI(LightningCLI):
     """Adds an always-present ``checkpoint`` (:class:`~lit_zpd.callbacks.checkpoint.RunCheckpoint`)
     that saves every ``checkpoint.every_n_train_steps`` steps, at the end of the run and when it
-    fails with an exception (resume with ``--ckpt_path .../last.ckpt``), and the default callbacks
-    ``report`` and ``rollout_log``, which ``null`` drops."""
+    fails with an exception (resume with ``--ckpt_path .../last.ckpt``), the default callbacks
+    ``report`` and ``rollout_log``, which ``null`` drops, and the step-counting progress bar
+    (:class:`~lit_zpd.callbacks.progress.StepProgressBar`) unless ``trainer.callbacks`` has one."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
@@ -113,8 +117,14 @@ class LitZpdCLI(LightningCLI):
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         if config.get("plugins") is None:
             config = config | {"plugins": [AtomicCheckpointIO()]}  # see lit_zpd.checkpoint_io
-        defaults = [self._get(self.config_init, key) for key in DEFAULT_CALLBACKS]
-        return super()._instantiate_trainer(config, callbacks + [c for c in defaults if c is not None])
+        defaults = [c for c in (self._get(self.config_init, key) for key in DEFAULT_CALLBACKS) if c is not None]
+        given = config.get("callbacks") or []
+        given = given if isinstance(given, list) else [given]
+        if config.get("enable_progress_bar") is not False and not any(
+            isinstance(c, ProgressBar) for c in [*given, *callbacks, *defaults]
+        ):
+            defaults.append(StepProgressBar())  # a progress bar in trainer.callbacks replaces it
+        return super()._instantiate_trainer(config, callbacks + defaults)
 
 
 # Settings a resumed run cannot change (see check_resume): they made the weights
@@ -226,6 +236,36 @@ def configure_threads() -> int:
     return threads
 
 
+# Lightning's warnings that every lit-zpd run gives and that no setting of it changes.
+UNACTIONABLE_WARNINGS = (
+    # The frozen teacher is in eval mode on purpose.
+    r"Found \d+ module\(s\) in eval mode at the start of training",
+    # DistillModule moves RolloutBatch itself; RolloutDataModule defines no transfer of its own.
+    r"You have overridden `transfer_batch_to_device` in `LightningModule` but have passed in a `LightningDataModule`",
+    # Lightning's own call, deprecated by the installed torch.
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    # eval/* are torchmetrics values, reduced over the ranks by compute(); Lightning warns in a
+    # single process too once a colocated vLLM engine has started torch.distributed.
+    r"It is recommended to use `self.log\('eval/",
+)
+
+
+class _NoLitLoggerTip(logging.Filter):
+    """Drops Lightning's advertisement for its cloud logger, printed at every start."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip: For seamless cloud logging" not in record.getMessage()
+
+
+def quiet_console() -> None:
+    """Silences :data:`UNACTIONABLE_WARNINGS` and Lightning's cloud-logger tip."""
+    for message in UNACTIONABLE_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoLitLoggerTip) for f in rank_zero.filters):
+        rank_zero.addFilter(_NoLitLoggerTip())
+
+
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     """Entry point of the ``lit-zpd`` console script.
 
@@ -233,6 +273,7 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
         args: Replaces ``sys.argv[1:]``.
         run: With ``False``, parse and instantiate only (no subcommand in ``args`` then).
     """
+    quiet_console()
     return LitZpdCLI(
         DistillModule,
         RolloutDataModule,

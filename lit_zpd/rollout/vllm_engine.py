@@ -29,6 +29,7 @@ module refuses ``top_p < 1`` for student rollouts on this engine.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import warnings
@@ -146,6 +147,7 @@ class VLLMEngine(RolloutEngine):
                 enforce_eager=self.settings.enforce_eager,
                 tensor_parallel_size=self.settings.tensor_parallel_size,
                 enable_prefix_caching=self.settings.enable_prefix_caching,
+                use_tqdm_on_load=not _quiet(),
                 **scheduling,
             )
         head_size = self.llm.llm_engine.model_config.get_vocab_size()
@@ -268,16 +270,38 @@ def _completion(output: Any) -> Completion:
 
 
 def _import_vllm() -> Any:
+    """vLLM, configured for a colocated engine, its console quiet unless ``VLLM_LOGGING_LEVEL`` is set.
+
+    At its default level vLLM logs about 40 lines a run that need no action here: the options
+    chosen on purpose (eager mode, whole-prompt prefill, an in-process engine), CPU build notes, a
+    traceback from its chat-template warmup (the engine has no tokenizer by design), and on every
+    weight sync ``RotaryEmbedding: Failed to load weights`` and ``ParallelLMHead: Failed to load
+    weights``. Those two are harmless: ``reload_weights`` expects a checkpoint entry for every
+    parameter and buffer, but the rotary cache is computed from the config and is in no
+    checkpoint, and a tied output head shares the embedding's weight, which the embedding's entry
+    loads (``_refresh_tied_heads`` then redoes the head's CPU processing; the parity test after a
+    sync runs on a tied model). vLLM's errors still show; ``VLLM_LOGGING_LEVEL=WARNING`` (or
+    ``INFO``) shows the rest.
+    """
     # The engine must live in this process: weight sync hands it tensors, not files.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    # vLLM logs every weight sync at INFO; set VLLM_LOGGING_LEVEL=INFO to see them.
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     try:
         import vllm
         import vllm.inputs
     except ImportError as err:
         raise ImportError(INSTALL_HINT) from err
+    if _quiet():
+        logging.getLogger("vllm").setLevel(logging.ERROR)  # vLLM may have been imported before
+        # torch deprecations that vLLM's code triggers, and torch's note that the CPU build has no Triton
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.")
+        logging.getLogger("torch._library.triton").setLevel(logging.ERROR)
     return vllm
+
+
+def _quiet() -> bool:
+    """Whether vLLM's console is quiet (see :func:`_import_vllm`)."""
+    return os.environ.get("VLLM_LOGGING_LEVEL", "").upper() == "ERROR"
 
 
 @contextmanager
