@@ -64,6 +64,7 @@ class RankRecorder(Callback):
             "optimizer_sha256": _digest([optimizer.state_dict() for optimizer in trainer.optimizers]),
             "student_tokens": data.counters.student_tokens,
             "global_step": trainer.global_step,
+            "nonfinite_steps": getattr(pl_module, "nonfinite_steps", None),
             "weights": [float(weights.sum()), float(weights.pow(2).sum())],
         }
         Path(self.out_dir).mkdir(parents=True, exist_ok=True)
@@ -146,3 +147,20 @@ class KillAtStep(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if trainer.global_step >= self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class PoisonRank(Callback):
+    """Makes the loss of optimizer step ``step`` (1-based) NaN on rank ``rank`` only, as a
+    diverging batch on one process would.
+
+    Args:
+        step: The step poisoned.
+        rank: The rank whose batch it poisons.
+    """
+
+    def __init__(self, step: int, rank: int = 1) -> None:
+        self.step, self.rank = step, rank
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step + 1 == self.step and trainer.global_rank == self.rank:
+            batch.weights[:] = float("nan")

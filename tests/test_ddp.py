@@ -110,6 +110,30 @@ def test_alignment_probe_history_agrees_across_processes(tmp_path: Path) -> None
     assert [h["step"] for h in history] == [0, 2] and "diagnostics/alignment/teacher/all" in history[0]
 
 
+def test_a_nonfinite_step_on_one_rank_is_skipped_on_every_rank(tmp_path: Path) -> None:
+    """Rank 1's loss of step 2 is NaN, rank 0's is finite: both drop that update and count it, and
+    the weights stay in sync."""
+    ranks = fit(
+        "kd", tmp_path, "--report=null", "--trainer.max_steps=4", "--model.nonfinite=skip",
+        "--trainer.callbacks+=tests.probes.PoisonRank", "--trainer.callbacks.step=2",
+    )
+    assert_ranks_agree(ranks)
+    assert [r["nonfinite_steps"] for r in ranks] == [1, 1] and ranks[0]["global_step"] == 4
+
+
+def test_a_nonfinite_step_on_one_rank_stops_every_rank(tmp_path: Path) -> None:
+    """With ``model.nonfinite: stop`` every rank ends at the same step (none is left waiting in a
+    collective), the run fails saying why, and the final checkpoint holds the last finite step."""
+    with pytest.raises(AssertionError, match="not finite") as failed:
+        fit("kd", tmp_path, "--report=null", "--trainer.max_steps=6", f"--checkpoint.dirpath={tmp_path / 'ckpt'}",
+            "--trainer.callbacks+=tests.probes.PoisonRank", "--trainer.callbacks.step=3")
+    assert "FloatingPointError: optimizer step 3" in str(failed.value)
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 3 and last["nonfinite_steps"] == 1
+    weights = torch.cat([v.flatten() for k, v in last["state_dict"].items() if k.startswith("student.")])
+    assert torch.isfinite(weights).all()
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (nccl); the CPU runs above cover the logic")
 def test_zppo_on_two_gpus(tmp_path: Path) -> None:
     ranks = fit("zppo", tmp_path, "--report=null", "--trainer.max_steps=8", accelerator="gpu")
