@@ -80,7 +80,7 @@ class HFEngine(RolloutEngine):
             do_sample=not sampling.greedy,
             temperature=sampling.temperature if not sampling.greedy else None,
             top_p=sampling.top_p if not sampling.greedy else None,
-            top_k=0,
+            top_k=0 if not sampling.greedy else None,  # no top-k cut when sampling
             max_new_tokens=sampling.max_new_tokens,
             num_return_sequences=n,
             pad_token_id=self.pad_token_id,
