@@ -295,6 +295,18 @@ def test_a_problem_that_makes_sampling_raise_is_skipped_counted_and_named(make_c
     assert batch.metrics["rollout/problems_failed_total"] == 1.0
 
 
+def test_an_evaluation_leaves_out_a_problem_that_makes_sampling_raise(make_context: Any) -> None:
+    """The start report, validation and curriculum probes evaluate through the same guard: the
+    problem is named, counted and left out, the others are scored in the order given."""
+    from tests.conftest import ListSource, ScriptedEngine
+
+    ctx = make_context(ScriptedEngine({"0+1=?\n": ["\\boxed{1}"], "2+1=?\n": ["\\boxed{4}"]}), source=ListSource(3))
+    with pytest.warns(UserWarning, match=r"evaluation: problem 'p1' skipped, sampling raised KeyError"):
+        results = ctx.evaluate(ctx.student, ctx.source.problems("train"), samples=0)
+    assert results.problem_ids == ["p0", "p2"] and results.greedy_correct.tolist() == [1.0, 0.0]
+    assert ctx.take_pending().problems_failed == 1  # in the run's total at the next rollout
+
+
 def test_a_problem_that_makes_tokenising_raise_is_skipped_and_the_run_resumes(
     tiny_student: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

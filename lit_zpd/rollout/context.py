@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from lit_zpd.forward import response_logprobs
 from lit_zpd.loss_config import LossConfig
 from lit_zpd.rollout.batch import EvalBatch, pack_rows
-from lit_zpd.rollout.engine import RolloutEngine, SamplingConfig
+from lit_zpd.rollout.engine import Completion, RolloutEngine, SamplingConfig
 from lit_zpd.rollout.pass_rates import PassRateTracker
 from lit_zpd.rollout.plan import PromptSpec, RolloutGroup
 from lit_zpd.rollout.prompts import PromptEncoder, PromptFormat, context_length
@@ -292,15 +292,44 @@ class RolloutContext:
             rewards=[self.reward(t, spec.problem.answer) for t in texts], sampling_logprobs=logprobs,
         )
 
-    def skip_problem(self, rollout_index: int, problem: Problem, stage: str, error: BaseException) -> None:
-        """Count a problem left out of rollout ``rollout_index`` because ``stage`` raised, and
-        name it in a warning (``rollout/problems_failed_total``)."""
+    def skip_problem(self, where: str, problem: Problem, stage: str, error: BaseException) -> None:
+        """Count a problem left out of ``where`` (``rollout 12``, ``evaluation``) because
+        ``stage`` raised, and name it in a warning (``rollout/problems_failed_total``)."""
         self._pending.problems_failed += 1
         warnings.warn(
-            f"rank {self.rank}, rollout {rollout_index}: problem {problem.problem_id!r} skipped, {stage} raised "
+            f"rank {self.rank}, {where}: problem {problem.problem_id!r} skipped, {stage} raised "
             f"{type(error).__name__}: {error}",
             stacklevel=3,
         )
+
+    def generate(
+        self, engine: RolloutEngine, where: str, problems: list[Problem], prompts: list[list[int]], n: int,
+        sampling: SamplingConfig,
+    ) -> list[tuple[int, list[Completion]]]:
+        """``n`` completions of each prompt, as ``(index, completions)`` pairs, in one engine call.
+        When that call raises, each prompt is sampled alone to find the problems that make it
+        raise (skipped: :meth:`skip_problem`); an engine that fails on every prompt is an
+        :class:`EngineFault`."""
+        if not prompts:
+            return []
+        try:
+            return list(enumerate(engine.generate(prompts, n, sampling)))
+        except Exception as error:  # noqa: BLE001 - isolated below, or re-raised as an engine fault
+            first = error
+        answered, failed = [], []
+        for index, ids in enumerate(prompts):
+            try:
+                answered.append((index, engine.generate([ids], n, sampling)[0]))
+            except Exception as error:  # noqa: BLE001 - as above
+                failed.append((index, error))
+        if not answered:
+            raise EngineFault(
+                f"the {type(engine).__name__} engine failed on every prompt of {where} "
+                f"(weights of optimizer step {self.policy_version}): {type(first).__name__}: {first}"
+            ) from first
+        for index, error in failed:
+            self.skip_problem(where, problems[index], "sampling", error)
+        return answered
 
     def reward(self, response: str, answer: str) -> float:
         """The verifier's score of one response; 0 (and counted) if it raises."""
@@ -423,18 +452,32 @@ class RolloutContext:
         if self.world_size == 1:
             return local
         parts = self.gather(local)
-        starts = list(itertools.accumulate([0] + [part.size for part in parts]))
-        # Problem j was evaluated on rank j % W, as that rank's row j // W.
-        return EvalBatch.concat(parts).take([starts[j % self.world_size] + j // self.world_size for j in range(len(problems))])
+        gathered = EvalBatch.concat(parts)
+        if gathered.size == len(problems):
+            starts = list(itertools.accumulate([0] + [part.size for part in parts]))
+            # Problem j was evaluated on rank j % W, as that rank's row j // W.
+            return gathered.take([starts[j % self.world_size] + j // self.world_size for j in range(len(problems))])
+        # Some problems were skipped (skip_problem): back in the order given, by id.
+        row = {pid: i for i, pid in enumerate(gathered.problem_ids)}
+        return gathered.take([row[p.problem_id] for p in problems if p.problem_id in row])
 
     def evaluate_batch(self, model: Any, problems: list[Problem], *, samples: int | None = None, budget: bool = False) -> EvalBatch:
         """:meth:`evaluate` of one batch on this rank alone."""
         engine = self.engine_for(model)
         samples = self.eval_samples if samples is None else samples
-        prompts = [self.encode_prompt(p.prompt) for p in problems]
-        greedy = engine.generate(prompts, 1, SamplingConfig(0.0, 1.0, self.eval_sampling.max_new_tokens))
-        texts = [self.decode(g[0].token_ids) for g in greedy]
-        generated = sum(len(g[0].token_ids) for g in greedy)
+        encoded = []
+        for problem in problems:
+            try:
+                encoded.append((problem, self.encode_prompt(problem.prompt)))
+            except Exception as error:  # noqa: BLE001 - a bad row may make a tokenizer raise anything
+                self.skip_problem("evaluation", problem, "tokenising its prompt", error)
+        greedy = self.generate(
+            engine, "evaluation", [p for p, _ in encoded], [ids for _, ids in encoded], 1,
+            SamplingConfig(0.0, 1.0, self.eval_sampling.max_new_tokens),
+        )
+        problems, prompts = [encoded[i][0] for i, _ in greedy], [encoded[i][1] for i, _ in greedy]
+        texts = [self.decode(g[0].token_ids) for _, g in greedy]
+        generated = sum(len(g[0].token_ids) for _, g in greedy)
         batch = EvalBatch(
             problem_ids=[p.problem_id for p in problems],
             skills=[p.skill for p in problems],
@@ -444,11 +487,14 @@ class RolloutContext:
         )
         if samples:
             with self.seeded("eval"):
-                sampled = engine.generate(prompts, samples, self.eval_sampling)
-            generated += sum(len(c.token_ids) for group in sampled for c in group)
+                sampled = self.generate(engine, "evaluation", problems, prompts, samples, self.eval_sampling)
+            if len(sampled) < len(problems):  # a problem that raises only when sampled: leave it out
+                batch = batch.take([i for i, _ in sampled])
+                problems = [problems[i] for i, _ in sampled]
+            generated += sum(len(c.token_ids) for _, group in sampled for c in group)
             batch.sample_pass_rate = torch.tensor(
                 [sum(self.reward(self.decode(c.token_ids), p.answer) for c in group) / len(group)
-                 for p, group in zip(problems, sampled)]
+                 for p, (_, group) in zip(problems, sampled)]
             )
         if budget:
             self.count_student_tokens(generated)

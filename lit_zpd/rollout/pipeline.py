@@ -21,7 +21,7 @@ import torch
 from lit_zpd.loss_config import ROLLOUT_TERMS, TEACHER_TERMS, LossConfig
 from lit_zpd.losses import group_advantages, reinforce_pp_advantages
 from lit_zpd.rollout.batch import RolloutBatch, build_batch
-from lit_zpd.rollout.context import EngineFault, RolloutContext, RolloutCounters
+from lit_zpd.rollout.context import RolloutContext, RolloutCounters
 from lit_zpd.rollout.engine import Completion, RolloutEngine, SamplingConfig
 from lit_zpd.rollout.pass_rates import PassRateSettings
 from lit_zpd.rollout.plan import (
@@ -239,37 +239,20 @@ class RolloutPipeline:
             try:
                 done.append((spec, work(spec)))
             except Exception as error:  # noqa: BLE001 - a bad row may make a tokenizer or engine raise anything
-                self.ctx.skip_problem(plan.rollout_index, spec.problem, stage, error)
+                self.ctx.skip_problem(f"rollout {plan.rollout_index}", spec.problem, stage, error)
         return done
 
     def _generate(
         self, plan: RolloutPlan, engine: RolloutEngine, encoded: list[tuple[PromptSpec, list[int]]], n: int, sampling: SamplingConfig
     ) -> list[tuple[PromptSpec, list[Completion]]]:
-        """``n`` completions of every encoded prompt, in one engine call. When that call raises,
-        each prompt is sampled alone to find the ones that make it raise (skipped as in
-        :meth:`_guarded`); an engine that fails on every prompt is an engine fault."""
-        if not encoded:
-            return []
-        ctx = self.ctx
-        try:
-            with ctx.profile("rollout.sampling"):
-                return list(zip([s for s, _ in encoded], engine.generate([ids for _, ids in encoded], n, sampling)))
-        except Exception as error:  # noqa: BLE001 - isolated below, or re-raised as an engine fault
-            first = error
-        answered, failed = [], []
-        for spec, ids in encoded:
-            try:
-                answered.append((spec, engine.generate([ids], n, sampling)[0]))
-            except Exception as error:  # noqa: BLE001 - as above
-                failed.append((spec, error))
-        if not answered:
-            raise EngineFault(
-                f"the {type(engine).__name__} engine failed on every prompt of rollout {plan.rollout_index} "
-                f"(weights of optimizer step {plan.policy_version}): {type(first).__name__}: {first}"
-            ) from first
-        for spec, error in failed:
-            ctx.skip_problem(plan.rollout_index, spec.problem, "sampling", error)
-        return answered
+        """``n`` completions of every encoded prompt (:meth:`RolloutContext.generate`: a prompt
+        that makes the engine raise is skipped, an engine failing on all is a fault)."""
+        specs = [spec for spec, _ in encoded]
+        with self.ctx.profile("rollout.sampling"):
+            answered = self.ctx.generate(
+                engine, f"rollout {plan.rollout_index}", [s.problem for s in specs], [ids for _, ids in encoded], n, sampling
+            )
+        return [(specs[index], completions) for index, completions in answered]
 
     def _adapt(self, plan: RolloutPlan, groups: list[RolloutGroup]) -> list[RolloutGroup]:
         """The adapt phase: on teacher or reference batches, the owner of ``responses`` may
