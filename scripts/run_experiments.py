@@ -13,7 +13,8 @@ command line after the configs. With ``--seeds`` every config runs once per seed
 over seeds, with the share of the teacher's greedy accuracy the student retains at the end
 (``retained``); ``--scalars`` adds the run-mean of logged TensorBoard scalars. For every run the table
 gives its wall time on this machine, the student rollout tokens it spent, and the student's validation accuracy before and after training:
-greedy accuracy per skill and overall, the mean accuracy over k samples (``data.eval_samples``) at temperature 1.0, and
+greedy accuracy per skill and overall (and, for each evaluation during the run, the student
+rollout tokens spent by then: ``curve``), the mean accuracy over k samples (``data.eval_samples``) at temperature 1.0, and
 forgetting: of the validation problems the student solved greedily at the start, the share it
 fails at the end. Numbers come from the runs the script makes; nothing is cached.
 """
@@ -55,7 +56,22 @@ def run(name: str, overrides: list[str], seed: int | None = None, scalars: tuple
         # Callbacks that keep run-level counters (e.g. the ZPPO replay buffer) report them too.
         "callbacks": {type(c).__name__: c.summary() for c in cli.trainer.callbacks if hasattr(c, "summary")},
         "scalars": run_means(cli.trainer.logger.log_dir, scalars) if scalars and cli.trainer.logger else {},
+        "curve": accuracy_curve(cli.trainer.logger.log_dir) if cli.trainer.logger else [],
     }
+
+
+def accuracy_curve(log_dir: str) -> list[tuple[float, float]]:
+    """``(student rollout tokens spent, validation greedy accuracy)`` at each evaluation of a run."""
+    events = EventAccumulator(log_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    available = set(events.Tags()["scalars"])
+    if "eval/greedy/all" not in available:
+        return []
+    spent = [(e.step, e.value) for e in events.Scalars("rollout/student_tokens_total")] if "rollout/student_tokens_total" in available else []
+    return [
+        (max((tokens for step, tokens in spent if step <= e.step), default=0.0), e.value)
+        for e in events.Scalars("eval/greedy/all")
+    ]
 
 
 def run_means(log_dir: str, tags: tuple[str, ...]) -> dict[str, float]:
@@ -76,8 +92,9 @@ def seed_table(results: list[dict[str, object]], scalars: tuple[str, ...]) -> st
     """Mean and spread over seeds, one row per config."""
     skills = [*SKILL_GRAPH, "all"]
     names = list(dict.fromkeys(str(r["name"]) for r in results))
-    head = "| config | seeds | minutes | " + " | ".join(f"{s} greedy" for s in skills) + f" | all mean@{_k(results)} | forgotten | retained | " + " | ".join(scalars) + " |"
-    rule = "|" + "---|" * (len(skills) + 6 + len(scalars))
+    head = "| config | seeds | minutes | student rollout tokens | " + " | ".join(f"{s} greedy" for s in skills)
+    head += f" | all mean@{_k(results)} | forgotten | retained |" + "".join(f" {t} |" for t in scalars)
+    rule = "|" + "---|" * (len(skills) + 7 + len(scalars))
     rows = []
 
     def spread(values: list[float]) -> str:
@@ -92,7 +109,8 @@ def seed_table(results: list[dict[str, object]], scalars: tuple[str, ...]) -> st
         cells.append(spread(retained) if retained else "")
         cells += [spread([r["scalars"][t] for r in runs if t in r["scalars"]]) if any(t in r["scalars"] for r in runs) else "" for t in scalars]
         minutes = statistics.fmean(r["minutes"] for r in runs)
-        rows.append(f"| {name} | {len(runs)} | {minutes:.1f} | " + " | ".join(cells) + " |")
+        tokens = statistics.fmean(r["student_tokens"] for r in runs)
+        rows.append(f"| {name} | {len(runs)} | {minutes:.1f} | {tokens:,.0f} | " + " | ".join(cells) + " |")
     return "\n".join([head, rule, *rows])
 
 

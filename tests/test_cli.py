@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,13 +24,21 @@ CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name 
 BASELINES = ["sft", "kd", "gkd", "opd", "grpo"]
 
 
+def config_files(config: Path) -> list[Path]:
+    """``config`` after the config it overlays, when its header says so
+    (``#   lit-zpd fit --config configs/ioa.yaml --config configs/ioa_ablations/no_gating.yaml``)."""
+    usage = re.search(rf"--config (configs/\S+\.yaml) --config configs/{re.escape(str(config.relative_to(ROOT / 'configs')))}",
+                      config.read_text())
+    return [ROOT / usage.group(1), config] if usage else [config]
+
+
 def test_configs_are_found() -> None:
     assert {p.stem for p in CONFIGS} >= {*BASELINES, "teacher", "student"}
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
 def test_every_config_instantiates(config: Path) -> None:
-    cli = main(["--config", str(config)], run=False)
+    cli = main([f"--config={path}" for path in config_files(config)], run=False)
     assert isinstance(cli.model, DistillModule)
     assert isinstance(cli.datamodule, RolloutDataModule)
 

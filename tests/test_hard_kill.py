@@ -22,20 +22,17 @@ from typing import Any
 
 import pytest
 
-from tests.test_cli import CONFIGS, ROOT
+from tests.test_cli import CONFIGS, ROOT, config_files
 
 STEPS, KILLED_AFTER = 5, 2
-# Ablation directories hold overlays, each run on top of its method's config.
-OVERLAID = {"exposure_sweep": "atesd.yaml", "ioa_ablations": "ioa.yaml"}
 
 
 def _command(config: Path, out: Path, *extra: str) -> list[str]:
-    base = [f"--config={ROOT / 'configs' / OVERLAID[config.parent.name]}"] if config.parent.name in OVERLAID else []
     # An asset config's SaveStudent writes the embedded model: point it at the run's own directory
     # (it is the config's last callback, so this comes before the probes are added).
     export = [f"--trainer.callbacks.init_args.dirpath={out / 'export'}"] if config.parent.name == "assets" else []
     return [
-        sys.executable, "-m", "lit_zpd.cli", "fit", *base, f"--config={config}", *export,
+        sys.executable, "-m", "lit_zpd.cli", "fit", *(f"--config={path}" for path in config_files(config)), *export,
         f"--trainer.max_steps={STEPS}", "--report=null", "--trainer.val_check_interval=1000",
         "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={out}",
         f"--trainer.logger.init_args.save_dir={out}", f"--checkpoint.dirpath={out / 'checkpoints'}",

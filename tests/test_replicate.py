@@ -1,0 +1,51 @@
+"""scripts/replicate.py: the claims' test, and its quick form end to end."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+import replicate  # noqa: E402
+
+
+def test_the_permutation_test_is_exact() -> None:
+    # Three seeds all above three: the observed split is the most extreme of C(6, 3) = 20.
+    assert replicate.permutation_p([0.5, 0.6, 0.7], [0.1, 0.2, 0.3]) == pytest.approx(1 / 20)
+    assert replicate.permutation_p([0.1, 0.2, 0.3], [0.5, 0.6, 0.7]) == pytest.approx(1.0)
+    # One seed of the other arm between two of ours: the observed split and 2 others are at least
+    # as extreme (0.65 swapped with 0.5 or with 0.6).
+    assert replicate.permutation_p([0.5, 0.6, 0.7], [0.1, 0.2, 0.65]) == pytest.approx(3 / 20)
+
+
+def test_a_claim_is_held_only_against_every_arm_it_names() -> None:
+    claim = replicate.Claim("a beats b and c", "a", ("b", "c"))
+    high, low = [0.5, 0.6, 0.7], [0.1, 0.2, 0.3]
+    assert replicate.verdict(claim, {"a": high, "b": low, "c": low}, 0.05)[0] == "held"
+    assert replicate.verdict(claim, {"a": high, "b": low, "c": [0.4, 0.6, 0.7]}, 0.05)[0] == "inconclusive"
+    assert replicate.verdict(claim, {"a": low, "b": low, "c": high}, 0.05)[0] == "not held"
+    assert replicate.verdict(claim, {"a": high, "b": low}, 0.05)[0] == "not run"
+    # Two seeds can never reach p <= 0.05 (1 of C(4, 2) = 6 at best).
+    assert replicate.verdict(claim, {"a": high[:2], "b": low[:2], "c": low[:2]}, 0.05)[0] == "inconclusive"
+
+
+def test_every_arm_and_claim_names_a_shipped_config() -> None:
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    named = {*replicate.ARMS, *(c.arm for c in replicate.CLAIMS), *(b for c in replicate.CLAIMS for b in c.beats)}
+    for arm in named:
+        assert arm in replicate.ARMS, arm
+        for part in arm.split("+"):
+            assert (configs / f"{part}.yaml").is_file(), part
+
+
+def test_the_quick_form_writes_the_page_and_the_plots(tmp_path: Path) -> None:
+    page = replicate.main(["--quick", f"--out={tmp_path}"]).read_text()
+    for arm in replicate.QUICK_ARMS:
+        assert f"| {arm} | 2 |" in page  # two seeds each
+    assert "| ZPPO beats GRPO and distillation | zppo | not run |" in page  # kd, gkd, opd were not run
+    assert "| replay alone is not enough" in page
+    for name in ("accuracy_vs_tokens.png", "accuracy_by_skill.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
