@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
-import replicate  # noqa: E402
+import replicate
 
 
 def test_the_permutation_test_is_exact() -> None:
