@@ -15,16 +15,19 @@ p <= ``--alpha`` (over the seeds' values: with 3 seeds an arm must beat all 3 of
 0.05), *not held* when one of them is above it at that level, *inconclusive* otherwise. Plots:
 accuracy against student rollout tokens (mean over seeds, band of one standard deviation) and
 accuracy per skill at the start and the end of every arm. Numbers come from the runs the script
-makes; nothing is cached.
+makes: each run's result is written to ``<out>/runs/<arm>-seed<k>.json`` as soon as it ends, and a
+later call with the same settings takes the runs found there instead of repeating them, so a long
+replication stopped part way goes on where it stopped (``--fresh`` runs everything again; a
+result made with other settings is never taken).
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import statistics
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,7 +153,8 @@ def plots(results: list[dict[str, object]], arms: list[str], out: Path) -> list[
     return paths
 
 
-def page(results: list[dict[str, object]], arms: list[str], command: str, minutes: float, alpha: float, budget: int) -> str:
+def page(results: list[dict[str, object]], arms: list[str], command: str, alpha: float, budget: int) -> str:
+    minutes = sum(r["minutes"] for r in results)  # a replication made over several calls: all its runs
     accuracy = {arm: [r["end"]["greedy/all"] for r in results if r["name"] == arm] for arm in arms}
     seeds = sorted({r["seed"] for r in results})
     claims = ["| claim | arm | verdict | evidence (difference of mean greedy accuracy, permutation p) |", "|---|---|---|---|"]
@@ -160,7 +164,7 @@ def page(results: list[dict[str, object]], arms: list[str], command: str, minute
     return "\n".join([
         "# Results on the embedded default",
         "",
-        (f"Made by `{command}` on this machine in {minutes:.1f} minutes: {len(arms)} arms x seeds {seeds}, a budget of "
+        (f"Made by `{command}` on this machine, its runs {minutes:.1f} minutes in all: {len(arms)} arms x seeds {seeds}, a budget of "
          f"{budget} student rollout tokens per run (each config's `trainer.max_steps` the upper bound)."),
         "Accuracy is on the validation split at the end of each run; cells are mean ± sample standard deviation over seeds.",
         "",
@@ -177,34 +181,53 @@ def page(results: list[dict[str, object]], arms: list[str], command: str, minute
     ])
 
 
+def kept_run(folder: Path, arm: str, seed: int, overrides: list[str]) -> dict[str, object]:
+    """The result of ``arm`` at ``seed``: the one kept in ``folder`` when it was made with the same
+    overrides, else a new run (then kept there)."""
+    path = folder / f"{arm.replace('/', '__')}-seed{seed}.json"
+    if path.is_file():
+        kept = json.loads(path.read_text())
+        if kept.get("overrides") == overrides:
+            print(f"replicate: {arm} seed {seed} taken from {path}", file=sys.stderr)
+            return kept["result"]
+    result = run(arm, overrides, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"overrides": overrides, "result": result}, indent=1))
+    return json.loads(path.read_text())["result"]  # as a kept one reads: the page cannot depend on which
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arms", nargs="+", help=f"arms to run (default: all {len(ARMS)})")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--budget", type=int, default=300_000, help="student rollout tokens per run")
+    parser.add_argument("--budget", type=int, default=600_000, help="student rollout tokens per run (ZPPO's own budget)")
     parser.add_argument("--alpha", type=float, default=0.05, help="significance level of the claims' test")
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="where RESULTS.md and the plots go")
     parser.add_argument("--override", action="append", default=[], help="a lit-zpd argument for every run")
     parser.add_argument("--quick", action="store_true", help="three arms, two seeds, a few steps: checks the script")
+    parser.add_argument("--fresh", action="store_true", help="run every arm again, ignoring the results kept under <out>/runs")
     args = parser.parse_args(argv)
     arms = args.arms or (QUICK_ARMS if args.quick else ARMS)
     seeds = args.seeds if not args.quick or args.seeds != [0, 1, 2] else [0, 1]
     overrides = [
         "--trainer.callbacks+=lit_zpd.callbacks.budget.StudentTokenBudget",
         f"--trainer.callbacks.max_student_tokens={args.budget}",
-        f"--trainer.logger.init_args.save_dir={args.out / 'runs'}",
+        f"--trainer.logger.init_args.save_dir={args.out / 'runs' / 'logs'}",
         *(["--trainer.max_steps=4", "--trainer.val_check_interval=2", "--data.prompts_per_step=4",
            "--data.eval_samples=2", "--data.source=lit_zpd.tasks.ArithmeticCurriculum",
            "--data.source.max_eval_per_skill=2"] if args.quick else []),
         *args.override,
     ]
-    started = time.time()
-    results = [run(arm, overrides, seed) for seed in seeds for arm in arms]
+    folder = args.out / "runs"
+    if args.fresh:
+        for kept in folder.glob("*-seed*.json"):
+            kept.unlink()
+    results = [kept_run(folder, arm, seed, overrides) for seed in seeds for arm in arms]
     args.out.mkdir(parents=True, exist_ok=True)
     plots(results, arms, args.out)
     command = "python scripts/replicate.py " + " ".join(argv if argv is not None else sys.argv[1:])
     path = args.out / "RESULTS.md"
-    path.write_text(page(results, arms, command.strip(), (time.time() - started) / 60, args.alpha, args.budget))
+    path.write_text(page(results, arms, command.strip(), args.alpha, args.budget))
     print(path.read_text())
     return path
 
