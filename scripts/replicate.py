@@ -15,7 +15,7 @@ p <= ``--alpha`` (over the seeds' values: with 3 seeds an arm must beat all 3 of
 0.05), *not held* when one of them is above it at that level, *inconclusive* otherwise. Plots:
 accuracy against student rollout tokens (mean over seeds, band of one standard deviation) and
 accuracy per skill at the start and the end of every arm. Numbers come from the runs the script
-makes: each run's result is written to ``<out>/runs/<arm>-seed<k>.json`` as soon as it ends, and a
+makes: each run's result is written to ``<out>/replication/<arm>-seed<k>.json`` as soon as it ends, and a
 later call with the same settings takes the runs found there instead of repeating them, so a long
 replication stopped part way goes on where it stopped (``--fresh`` runs everything again; a
 result made with other settings is never taken).
@@ -143,9 +143,10 @@ def plots(results: list[dict[str, object]], arms: list[str], out: Path) -> list[
         keys = [k for k in runs[0][when] if k.startswith("greedy/")]
         return {k: statistics.fmean(r[when][k] for r in runs) for k in keys}
 
-    start = mean_summary([r for r in results if r["name"] == arms[0]], "start")
+    ran = [arm for arm in arms if any(r["name"] == arm for r in results)]
+    start = mean_summary(results, "start")  # every arm starts from the same student
     columns = {"student (start)": start} | {
-        f"{arm} (end)": mean_summary([r for r in results if r["name"] == arm], "end") for arm in arms
+        f"{arm} (end)": mean_summary([r for r in results if r["name"] == arm], "end") for arm in ran
     }
     fig = accuracy_by_skill(columns)
     fig.savefig(paths[1])
@@ -153,10 +154,9 @@ def plots(results: list[dict[str, object]], arms: list[str], out: Path) -> list[
     return paths
 
 
-def page(results: list[dict[str, object]], arms: list[str], command: str, alpha: float, budget: int) -> str:
+def page(results: list[dict[str, object]], arms: list[str], seeds: list[int], command: str, alpha: float, budget: int) -> str:
     minutes = sum(r["minutes"] for r in results)  # a replication made over several calls: all its runs
     accuracy = {arm: [r["end"]["greedy/all"] for r in results if r["name"] == arm] for arm in arms}
-    seeds = sorted({r["seed"] for r in results})
     claims = ["| claim | arm | verdict | evidence (difference of mean greedy accuracy, permutation p) |", "|---|---|---|---|"]
     for claim in CLAIMS:
         held, evidence = verdict(claim, accuracy, alpha)
@@ -164,7 +164,7 @@ def page(results: list[dict[str, object]], arms: list[str], command: str, alpha:
     return "\n".join([
         "# Results on the embedded default",
         "",
-        (f"Made by `{command}` on this machine, its runs {minutes:.1f} minutes in all: {len(arms)} arms x seeds {seeds}, a budget of "
+        (f"Made by `{command}` on this machine, {len(results)} of its {len(arms) * len(seeds)} runs ({len(arms)} arms x seeds {seeds}) taking {minutes:.1f} minutes in all, a budget of "
          f"{budget} student rollout tokens per run (each config's `trainer.max_steps` the upper bound)."),
         "Accuracy is on the validation split at the end of each run; cells are mean ± sample standard deviation over seeds.",
         "",
@@ -205,29 +205,34 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="where RESULTS.md and the plots go")
     parser.add_argument("--override", action="append", default=[], help="a lit-zpd argument for every run")
     parser.add_argument("--quick", action="store_true", help="three arms, two seeds, a few steps: checks the script")
-    parser.add_argument("--fresh", action="store_true", help="run every arm again, ignoring the results kept under <out>/runs")
+    parser.add_argument("--fresh", action="store_true", help="run every arm again, ignoring the results kept under <out>/replication")
+    parser.add_argument("--logs", type=Path, default=ROOT / "logs" / "replicate", help="the runs' TensorBoard logs and checkpoints")
     args = parser.parse_args(argv)
     arms = args.arms or (QUICK_ARMS if args.quick else ARMS)
     seeds = args.seeds if not args.quick or args.seeds != [0, 1, 2] else [0, 1]
     overrides = [
         "--trainer.callbacks+=lit_zpd.callbacks.budget.StudentTokenBudget",
         f"--trainer.callbacks.max_student_tokens={args.budget}",
-        f"--trainer.logger.init_args.save_dir={args.out / 'runs' / 'logs'}",
+        f"--trainer.logger.init_args.save_dir={args.logs}",
         *(["--trainer.max_steps=4", "--trainer.val_check_interval=2", "--data.prompts_per_step=4",
            "--data.eval_samples=2", "--data.source=lit_zpd.tasks.ArithmeticCurriculum",
            "--data.source.max_eval_per_skill=2"] if args.quick else []),
         *args.override,
     ]
-    folder = args.out / "runs"
+    folder = args.out / "replication"
     if args.fresh:
         for kept in folder.glob("*-seed*.json"):
             kept.unlink()
-    results = [kept_run(folder, arm, seed, overrides) for seed in seeds for arm in arms]
-    args.out.mkdir(parents=True, exist_ok=True)
-    plots(results, arms, args.out)
     command = "python scripts/replicate.py " + " ".join(argv if argv is not None else sys.argv[1:])
     path = args.out / "RESULTS.md"
-    path.write_text(page(results, arms, command.strip(), args.alpha, args.budget))
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: list[dict[str, object]] = []
+    for seed in seeds:
+        for arm in arms:
+            results.append(kept_run(folder, arm, seed, overrides))
+            # The page after every run: a replication stopped part way shows what it has.
+            plots(results, arms, args.out)
+            path.write_text(page(results, arms, seeds, command.strip(), args.alpha, args.budget))
     print(path.read_text())
     return path
 

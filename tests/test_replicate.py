@@ -42,7 +42,7 @@ def test_every_arm_and_claim_names_a_shipped_config() -> None:
 
 
 def test_the_quick_form_writes_the_page_and_the_plots(tmp_path: Path) -> None:
-    page = replicate.main(["--quick", f"--out={tmp_path}"]).read_text()
+    page = replicate.main(["--quick", f"--out={tmp_path}", f"--logs={tmp_path / 'logs'}"]).read_text()
     for arm in replicate.QUICK_ARMS:
         assert f"| {arm} | 2 |" in page  # two seeds each
     assert "| ZPPO beats GRPO and distillation | zppo | not run |" in page  # kd, gkd, opd were not run
@@ -50,12 +50,12 @@ def test_the_quick_form_writes_the_page_and_the_plots(tmp_path: Path) -> None:
     for name in ("accuracy_vs_tokens.png", "accuracy_by_skill.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     # A second call takes the kept runs (a stopped replication goes on where it stopped) ...
-    kept = sorted(tmp_path.glob("runs/*-seed*.json"))
+    kept = sorted(tmp_path.glob("replication/*-seed*.json"))
     assert len(kept) == 2 * len(replicate.QUICK_ARMS)
     times = [path.stat().st_mtime_ns for path in kept]
-    again = replicate.main(["--quick", f"--out={tmp_path}"]).read_text()
+    again = replicate.main(["--quick", f"--out={tmp_path}", f"--logs={tmp_path / 'logs'}"]).read_text()
     assert [path.stat().st_mtime_ns for path in kept] == times
     assert again.split("## The papers")[0].split("\n")[3:] == page.split("## The papers")[0].split("\n")[3:]
     # ... but never one made with other settings.
-    replicate.main(["--quick", f"--out={tmp_path}", "--arms", "grpo", "--seeds", "0", "--budget", "1000"])
-    assert (tmp_path / "runs" / "grpo-seed0.json").stat().st_mtime_ns != times[kept.index(tmp_path / "runs" / "grpo-seed0.json")]
+    replicate.main(["--quick", f"--out={tmp_path}", f"--logs={tmp_path / 'logs'}", "--arms", "grpo", "--seeds", "0", "--budget", "1000"])
+    assert (tmp_path / "replication" / "grpo-seed0.json").stat().st_mtime_ns != times[kept.index(tmp_path / "replication" / "grpo-seed0.json")]
