@@ -8,7 +8,9 @@ as a heat map: one row per (skill, level) cell in curriculum order, one column p
 colour the mastery ratio ``P_S / P_T``, the frontier (cells being taught) outlined in black and
 the mastery bar marked on the colour scale. :func:`accuracy_by_skill` draws the accuracy report
 (:class:`~lit_zpd.callbacks.report.AccuracyReport`): per skill, the greedy accuracy of each model
-and moment side by side. matplotlib draws off-screen (the Agg backend).
+and moment side by side. For many runs at once (``scripts/replicate.py``), :func:`skill_grid`
+draws one row per arm and one column per skill, and :func:`accuracy_curves` draws accuracy against
+the student's rollout tokens with a band over seeds. matplotlib draws off-screen (the Agg backend).
 """
 
 from __future__ import annotations
@@ -122,5 +124,80 @@ def token_alignment(tokens: Sequence[str], scores: Sequence[float], title: str) 
     ax.axis("off")
     ax.set_title(title, fontsize=9)
     fig.colorbar(plt.cm.ScalarMappable(cmap=cmap, norm=matplotlib.colors.Normalize(-1, 1)), ax=ax, fraction=0.03)
+    fig.tight_layout()
+    return fig
+
+
+def skill_grid(start: dict[str, float], end: dict[str, dict[str, float]], title: str = "") -> Figure:
+    """Greedy accuracy per skill of many arms at once: one row per arm (the start first), one
+    column per skill (``all`` last), each cell coloured by the accuracy and labelled with it and,
+    for the arms, its change from the start (green up, red down).
+
+    Args:
+        start: The summary every arm starts from (its ``greedy/<skill>`` keys are drawn).
+        end: ``{arm: summary at the end}``, in the order the rows are drawn.
+        title: Above the grid.
+    """
+    skills = sorted((k.removeprefix("greedy/") for k in start if k.startswith("greedy/")), key=lambda skill: skill == "all")
+    rows = {"start": start, **end}
+    fig, ax = plt.subplots(figsize=(1.2 + 1.05 * len(skills) + 2.6, 0.9 + 0.3 * len(rows)), dpi=100)
+    cmap = plt.get_cmap("viridis")
+    for y, (name, summary) in enumerate(rows.items()):
+        for x, skill in enumerate(skills):
+            value = summary.get(f"greedy/{skill}", math.nan)
+            ax.add_patch(Rectangle((x, y), 1.0, 1.0, color="lightgrey" if math.isnan(value) else cmap(value)))
+            if math.isnan(value):
+                continue
+            ink = "black" if value > 0.55 else "white"
+            ax.text(x + 0.3, y + 0.5, f"{value:.2f}", ha="center", va="center", fontsize=7, color=ink)
+            if name != "start":
+                delta = value - start[f"greedy/{skill}"]
+                shade = "#0a7a0a" if delta > 0.005 else "#b00000" if delta < -0.005 else ink
+                ax.text(x + 0.75, y + 0.5, f"{delta:+.2f}", ha="center", va="center", fontsize=6, color=shade,
+                        bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.8})
+    ax.axhline(1.0, color="white", lw=2)  # the start row apart from the arms
+    ax.set_xlim(0, len(skills))
+    ax.set_ylim(len(rows), 0)
+    ax.set_xticks([x + 0.5 for x in range(len(skills))], skills, fontsize=8)
+    ax.set_yticks([y + 0.5 for y in range(len(rows))], list(rows), fontsize=7)
+    ax.tick_params(length=0)
+    colour_bar = fig.colorbar(plt.cm.ScalarMappable(cmap=cmap, norm=matplotlib.colors.Normalize(0.0, 1.0)), ax=ax, fraction=0.04)
+    colour_bar.set_label("greedy accuracy", fontsize=8)
+    ax.set_title(title or "greedy accuracy per skill: end (change from the start)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def accuracy_curves(panels: dict[str, dict[str, tuple[Sequence[float], Sequence[float], Sequence[float]]]],
+                    xlabel: str = "student rollout tokens") -> Figure:
+    """Accuracy curves side by side, one panel per group of arms.
+
+    Args:
+        panels: ``{panel title: {arm: (tokens, mean, standard deviation)}}``, each curve's points in
+            order; a band of one standard deviation is drawn around the mean. An arm whose tokens
+            are all 0 (it samples nothing from the student) is drawn as a dotted horizontal line at
+            its last mean, with its band, so that it compares with the others at every budget.
+        xlabel: The horizontal axis.
+    """
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.6), dpi=100, squeeze=False)
+    for ax, (title, curves) in zip(axes[0], panels.items()):
+        ends = [t[-1] for t, _, _ in curves.values() if len(t)]
+        right = max(ends, default=1.0) or 1.0
+        for i, (arm, (tokens, mean, sd)) in enumerate(curves.items()):
+            if not len(tokens):
+                continue
+            colour, style = f"C{i % 10}", "-" if i < 10 else "--"
+            if max(tokens) == 0:
+                ax.hlines(mean[-1], 0, right, colors=colour, linestyles=":", label=f"{arm} (no student tokens)")
+                ax.fill_between([0, right], mean[-1] - sd[-1], mean[-1] + sd[-1], color=colour, alpha=0.08)
+                continue
+            ax.plot(tokens, mean, style, marker="o", ms=2.5, color=colour, label=arm)
+            ax.fill_between(tokens, [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)], color=colour, alpha=0.15)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("validation greedy accuracy")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6.5, loc="lower right")
     fig.tight_layout()
     return fig

@@ -28,18 +28,23 @@ import itertools
 import json
 import statistics
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+import yaml
 from run_experiments import run, seed_table
 
 # Arms: a config, or a config and its overlays joined by "+" (as run_experiments takes them).
 BASELINES = ["sft", "kd", "gkd", "opd", "grpo", "opsd"]
+# GKD and OPD as shipped spend a fraction of the budget in their 150 steps; these run until they spend it.
+AT_BUDGET = ["gkd+token_budget/uncapped", "opd+token_budget/uncapped"]
 METHODS = ["zppo", "paced", "ioa", "atesd"]
 ABLATIONS = [
     "kd+with_replay/kd", "gkd+with_replay/gkd", "opd+with_replay/opd", "grpo+with_replay/grpo",
@@ -47,7 +52,7 @@ ABLATIONS = [
     "paced_ablations/weighted_rkl", "paced_ablations/unweighted_two_stage", "atesd+exposure_sweep/fixed_1",
 ]
 COMBINATIONS = ["zppo+combinations/zppo_paced", "ioa+combinations/ioa_paced", "ioa_zppo", "ioa_zppo+combinations/stacked"]
-ARMS = [*BASELINES, *METHODS, *ABLATIONS, *COMBINATIONS]
+ARMS = [*BASELINES, *AT_BUDGET, *METHODS, *ABLATIONS, *COMBINATIONS]
 QUICK_ARMS = ["grpo", "zppo", "grpo+with_replay/grpo"]
 
 
@@ -61,7 +66,8 @@ class Claim:
 
 
 CLAIMS = [
-    Claim("ZPPO beats GRPO and distillation", "zppo", ("grpo", "kd", "gkd", "opd")),
+    Claim("ZPPO beats GRPO and distillation (GKD and OPD at the same budget)", "zppo", ("grpo", "kd", *AT_BUDGET)),
+    Claim("ZPPO beats GKD and OPD as shipped (150 steps)", "zppo", ("gkd", "opd")),
     Claim("replay alone is not enough: ZPPO beats every baseline with its replay buffer", "zppo",
           ("kd+with_replay/kd", "gkd+with_replay/gkd", "opd+with_replay/opd", "grpo+with_replay/grpo")),
     Claim("PACED's weighting beats the hard filter (same two stages)", "paced", ("paced_ablations/hard_filter_two_stage",)),
@@ -74,6 +80,64 @@ CLAIMS = [
     Claim("the IOA curriculum with ZPPO's replay beats each alone", "ioa_zppo", ("ioa", "zppo")),
     Claim("the pedagogical callbacks stacked beat every single method", "ioa_zppo+combinations/stacked", tuple(METHODS)),
 ]
+
+
+# The gradient alignment diagnostic, once per seed: does each signal align better with the ideal
+# gradient on the student's incorrect rollouts than on its correct ones (seed 002's finding)?
+# 120 validation problems and a budget of 150k student samples, as in docs/alignment.md.
+ALIGNMENT_CONFIG = ROOT / "configs" / "diagnose" / "embedded.yaml"
+ALIGNMENT_ARGS = ["--num_problems=120", "--settings.budget=150000"]
+QUICK_ALIGNMENT_ARGS = ["--num_problems=5", "--settings.budget=2000", "--settings.bootstrap=10"]
+SIGNALS = [signal["name"] for signal in yaml.safe_load(ALIGNMENT_CONFIG.read_text())["signals"]]
+ALIGNMENT_CLAIMS = [
+    Claim(f"alignment is higher on incorrect rollouts ({signal})", f"alignment/{signal}/incorrect", (f"alignment/{signal}/correct",))
+    for signal in SIGNALS
+]
+
+
+def alignment_run(args: list[str], seed: int, out_dir: Path) -> dict[str, object]:
+    """``lit-zpd diagnose`` on ``configs/diagnose/embedded.yaml`` at ``seed``: per signal and
+    split (correct, incorrect, all), the mean alignment over questions and the teacher advantage."""
+    from lit_zpd.diagnostics.diagnose import main as diagnose
+
+    start = time.time()
+    report = diagnose([f"--config={ALIGNMENT_CONFIG}", *args, f"--seed={seed}", f"--out_dir={out_dir}"])
+    return {"name": "alignment", "seed": seed, "minutes": (time.time() - start) / 60, "samples": report.samples, "summary": report.summary()}
+
+
+def alignment_values(runs: list[dict[str, object]]) -> dict[str, list[float]]:
+    """``{"alignment/<signal>/<split>": [its mean alignment at each seed]}``; a split a seed's
+    rollouts never reached (no incorrect rollout, say) is left out of that seed."""
+    values: dict[str, list[float]] = {}
+    for r in runs:
+        for signal, splits in r["summary"].items():
+            for split, row in splits.items():
+                if row["questions"] > 0:
+                    values.setdefault(f"alignment/{signal}/{split}", []).append(row["alignment"])
+    return values
+
+
+def alignment_table(runs: list[dict[str, object]]) -> str:
+    """Per signal: alignment on correct and incorrect rollouts, their difference, and the teacher
+    advantage, each mean ± sample standard deviation over seeds."""
+    def spread(values: list[float]) -> str:
+        if not values:
+            return ""
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.fmean(values):.3f} ± {sd:.3f}"
+
+    def column(signal: str, split: str, key: str) -> list[float]:
+        return [r["summary"][signal][split][key] for r in runs if r["summary"][signal][split]["questions"] > 0]
+
+    rows = ["| signal | seeds | correct rollouts | incorrect rollouts | incorrect − correct | A_T correct | A_T incorrect |", "|---|---|---|---|---|---|---|"]
+    for signal in dict.fromkeys(s for r in runs for s in r["summary"]):
+        both = [r for r in runs if all(r["summary"][signal][split]["questions"] > 0 for split in ("correct", "incorrect"))]
+        gap = [r["summary"][signal]["incorrect"]["alignment"] - r["summary"][signal]["correct"]["alignment"] for r in both]
+        rows.append(
+            f"| {signal} | {len(runs)} | {spread(column(signal, 'correct', 'alignment'))} | {spread(column(signal, 'incorrect', 'alignment'))} "
+            f"| {spread(gap)} | {spread(column(signal, 'correct', 'teacher_advantage'))} | {spread(column(signal, 'incorrect', 'teacher_advantage'))} |"
+        )
+    return "\n".join(rows)
 
 
 def permutation_p(higher: Sequence[float], lower: Sequence[float]) -> float:
@@ -90,13 +154,13 @@ def permutation_p(higher: Sequence[float], lower: Sequence[float]) -> float:
     return at_least / len(splits)
 
 
-def verdict(claim: Claim, accuracy: dict[str, list[float]], alpha: float) -> tuple[str, str]:
+def verdict(claim: Claim, values: dict[str, list[float]], alpha: float) -> tuple[str, str]:
     """``(held | not held | inconclusive | not run, the evidence)`` of ``claim``."""
-    if claim.arm not in accuracy or any(b not in accuracy for b in claim.beats):
+    if claim.arm not in values or any(b not in values for b in claim.beats):
         return "not run", ""
-    mine, evidence, outcomes = accuracy[claim.arm], [], []
+    mine, evidence, outcomes = values[claim.arm], [], []
     for other in claim.beats:
-        theirs = accuracy[other]
+        theirs = values[other]
         better, worse = permutation_p(mine, theirs), permutation_p(theirs, mine)
         outcomes.append("held" if better <= alpha else "not held" if worse <= alpha else "inconclusive")
         evidence.append(f"vs {other}: {statistics.fmean(mine) - statistics.fmean(theirs):+.3f}, p = {better:.2f}")
@@ -116,83 +180,109 @@ def mean_curve(results: list[dict[str, object]], arm: str) -> tuple[list[float],
 
 
 def plots(results: list[dict[str, object]], arms: list[str], out: Path) -> list[Path]:
-    """``accuracy_vs_tokens.png`` and ``accuracy_by_skill.png`` under ``out``."""
-    import matplotlib
+    """``accuracy_vs_tokens.png`` (baselines and methods in one panel, ablations and combinations
+    in the other) and ``accuracy_by_skill.png`` (every arm's end accuracy per skill, mean over
+    seeds, and its change from the start) under ``out``."""
+    from matplotlib import pyplot as plt
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from lit_zpd.figures import accuracy_curves, skill_grid
 
-    from lit_zpd.figures import accuracy_by_skill
-
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-    for i, arm in enumerate(arms):
-        tokens, mean, sd = mean_curve(results, arm)
-        if tokens:
-            ax.plot(tokens, mean, color=f"C{i % 10}", linestyle="-" if i < 10 else "--", label=arm)
-            ax.fill_between(tokens, [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)], color=f"C{i % 10}", alpha=0.15)
-    ax.set_xlabel("student rollout tokens")
-    ax.set_ylabel("validation greedy accuracy")
-    ax.set_ylim(0.0, 1.0)
-    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
+    ran = [arm for arm in arms if any(r["name"] == arm for r in results)]
+    if not ran:
+        return []
+    single = [*BASELINES, *METHODS, *AT_BUDGET]
+    panels = {
+        "baselines and methods": {arm: mean_curve(results, arm) for arm in ran if arm in single},
+        "ablations and combinations": {arm: mean_curve(results, arm) for arm in ran if arm not in single},
+    }
     paths = [out / "accuracy_vs_tokens.png", out / "accuracy_by_skill.png"]
-    fig.savefig(paths[0])
-    plt.close(fig)
+    figure = accuracy_curves({title: curves for title, curves in panels.items() if curves})
+    figure.savefig(paths[0])
+    plt.close(figure)
 
     def mean_summary(runs: list[dict[str, object]], when: str) -> dict[str, float]:
         keys = [k for k in runs[0][when] if k.startswith("greedy/")]
         return {k: statistics.fmean(r[when][k] for r in runs) for k in keys}
 
-    ran = [arm for arm in arms if any(r["name"] == arm for r in results)]
     start = mean_summary(results, "start")  # every arm starts from the same student
-    columns = {"student (start)": start} | {
-        f"{arm} (end)": mean_summary([r for r in results if r["name"] == arm], "end") for arm in ran
-    }
-    fig = accuracy_by_skill(columns)
-    fig.savefig(paths[1])
-    plt.close(fig)
+    ends = {arm: mean_summary([r for r in results if r["name"] == arm], "end") for arm in ran}
+    figure = skill_grid(start, ends, "greedy accuracy per skill at the end, mean over seeds (change from the start)")
+    figure.savefig(paths[1])
+    plt.close(figure)
     return paths
 
 
-def page(results: list[dict[str, object]], arms: list[str], seeds: list[int], command: str, alpha: float, budget: int) -> str:
-    minutes = sum(r["minutes"] for r in results)  # a replication made over several calls: all its runs
+def claim_values(results: list[dict[str, object]], alignment: list[dict[str, object]], arms: list[str]) -> dict[str, list[float]]:
+    """What the claims compare: each arm's end greedy accuracy per seed, and each alignment signal
+    and split's mean alignment per seed. Only arms with at least one run: a claim on an arm not yet
+    run is "not run", never a test of nothing."""
     accuracy = {arm: [r["end"]["greedy/all"] for r in results if r["name"] == arm] for arm in arms}
-    claims = ["| claim | arm | verdict | evidence (difference of mean greedy accuracy, permutation p) |", "|---|---|---|---|"]
-    for claim in CLAIMS:
-        held, evidence = verdict(claim, accuracy, alpha)
+    return {arm: v for arm, v in accuracy.items() if v} | alignment_values(alignment)
+
+
+def page(results: list[dict[str, object]], alignment: list[dict[str, object]], arms: list[str], seeds: list[int],
+         command: str, alpha: float, budget: int) -> str:
+    minutes = sum(r["minutes"] for r in [*results, *alignment])  # a replication made over several calls: all its runs
+    values = claim_values(results, alignment, arms)
+    claims = ["| claim | arm | verdict | evidence (difference of means, permutation p) |", "|---|---|---|---|"]
+    for claim in [*CLAIMS, *ALIGNMENT_CLAIMS]:
+        held, evidence = verdict(claim, values, alpha)
         claims.append(f"| {claim.text} | {claim.arm} | {held} | {evidence} |")
+    planned = len(arms) * len(seeds) + len(seeds)
     return "\n".join([
         "# Results on the embedded default",
         "",
-        (f"Made by `{command}` on this machine, {len(results)} of its {len(arms) * len(seeds)} runs ({len(arms)} arms x seeds {seeds}) taking {minutes:.1f} minutes in all, a budget of "
-         f"{budget} student rollout tokens per run (each config's `trainer.max_steps` the upper bound)."),
-        "Accuracy is on the validation split at the end of each run; cells are mean ± sample standard deviation over seeds.",
+        (f"Made by `{command}` on this machine (2 CPU cores, no GPU): {len(results) + len(alignment)} of its {planned} runs "
+         f"({len(arms)} arms and the alignment diagnostic, seeds {seeds}), {minutes:.1f} minutes of runs in all. Every arm "
+         f"trains from the shipped embedded student with a budget of {budget:,} student rollout tokens (each config's "
+         "`trainer.max_steps` the upper bound: arms that sample nothing from the student, SFT and KD, end there)."),
+        "",
+        "## Accuracy per arm",
+        "",
+        ("Validation split (174 problems) at the end of each run; cells are mean ± sample standard deviation over seeds. "
+         "*forgotten*: of the problems the student solved greedily at the start, the share it fails at the end; "
+         "*retained*: the student's greedy accuracy over the teacher's; *minutes*: one run's wall time, start and end "
+         "evaluations included."),
         "",
         seed_table(results, ()),
         "",
         f"## The papers' claims (one-sided exact permutation test over seeds, held at p <= {alpha})",
         "",
+        ("*held*: the arm's values are above every compared arm's at p <= alpha; *not held*: a compared arm is above it "
+         "at that level; *inconclusive*: neither. With three seeds p = 0.05 is the smallest value the test can give: "
+         "all three of one arm above all three of the other."),
+        "",
         *claims,
+        "",
+        "## Gradient alignment on correct and incorrect rollouts",
+        "",
+        (f"`lit-zpd diagnose --config configs/diagnose/embedded.yaml {' '.join(ALIGNMENT_ARGS)} --seed=<seed>`: "
+         "logit-space cosine between each signal's distillation direction and the ideal gradient of the student's "
+         "success, mean over questions, then mean ± sample standard deviation over seeds; A_T is the teacher "
+         "advantage (docs/alignment.md)."),
+        "",
+        alignment_table(alignment) if alignment else "not run",
+        "",
+        "## Plots",
         "",
         "![accuracy against student rollout tokens](accuracy_vs_tokens.png)",
         "",
-        "![accuracy per skill at the start and the end](accuracy_by_skill.png)",
+        "![accuracy per skill at the end of every arm](accuracy_by_skill.png)",
         "",
     ])
 
 
-def kept_run(folder: Path, arm: str, seed: int, overrides: list[str]) -> dict[str, object]:
-    """The result of ``arm`` at ``seed``: the one kept in ``folder`` when it was made with the same
-    overrides, else a new run (then kept there)."""
-    path = folder / f"{arm.replace('/', '__')}-seed{seed}.json"
+def kept(path: Path, settings: list[str], make: Callable[[], dict[str, object]]) -> dict[str, object]:
+    """The result kept at ``path`` when it was made with the same ``settings``, else ``make()``
+    (then kept there)."""
     if path.is_file():
-        kept = json.loads(path.read_text())
-        if kept.get("overrides") == overrides:
-            print(f"replicate: {arm} seed {seed} taken from {path}", file=sys.stderr)
-            return kept["result"]
-    result = run(arm, overrides, seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"overrides": overrides, "result": result}, indent=1))
+        held = json.loads(path.read_text())
+        if held.get("overrides") == settings:
+            print(f"replicate: {path.stem} taken from {path}", file=sys.stderr)
+            return held["result"]
+    result = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"overrides": settings, "result": result}, indent=1))
     return json.loads(path.read_text())["result"]  # as a kept one reads: the page cannot depend on which
 
 
@@ -205,6 +295,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="where RESULTS.md and the plots go")
     parser.add_argument("--override", action="append", default=[], help="a lit-zpd argument for every run")
     parser.add_argument("--quick", action="store_true", help="three arms, two seeds, a few steps: checks the script")
+    parser.add_argument("--no_alignment", action="store_true", help="leave out the gradient alignment diagnostic")
     parser.add_argument("--fresh", action="store_true", help="run every arm again, ignoring the results kept under <out>/replication")
     parser.add_argument("--logs", type=Path, default=ROOT / "logs" / "replicate", help="the runs' TensorBoard logs and checkpoints")
     args = parser.parse_args(argv)
@@ -219,20 +310,32 @@ def main(argv: list[str] | None = None) -> Path:
            "--data.source.max_eval_per_skill=2"] if args.quick else []),
         *args.override,
     ]
+    diagnose_args = QUICK_ALIGNMENT_ARGS if args.quick else ALIGNMENT_ARGS
     folder = args.out / "replication"
     if args.fresh:
-        for kept in folder.glob("*-seed*.json"):
-            kept.unlink()
+        for path in folder.glob("*-seed*.json"):
+            path.unlink()
     command = "python scripts/replicate.py " + " ".join(argv if argv is not None else sys.argv[1:])
     path = args.out / "RESULTS.md"
     args.out.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, object]] = []
-    for seed in seeds:
-        for arm in arms:
-            results.append(kept_run(folder, arm, seed, overrides))
-            # The page after every run: a replication stopped part way shows what it has.
-            plots(results, arms, args.out)
-            path.write_text(page(results, arms, seeds, command.strip(), args.alpha, args.budget))
+    alignment: list[dict[str, object]] = []
+
+    def write_page() -> None:
+        # After every run: a replication stopped part way shows what it has.
+        plots(results, arms, args.out)
+        path.write_text(page(results, alignment, arms, seeds, command.strip(), args.alpha, args.budget))
+
+    # The diagnostic first (minutes), then arm by arm over every seed, so that a replication
+    # stopped part way has decided the claims on the arms it reached.
+    for seed in [] if args.no_alignment else seeds:
+        out_dir = args.logs / "diagnose" / f"seed{seed}"
+        alignment.append(kept(folder / f"alignment-seed{seed}.json", diagnose_args, partial(alignment_run, diagnose_args, seed, out_dir)))
+        write_page()
+    for arm in arms:
+        for seed in seeds:
+            results.append(kept(folder / f"{arm.replace('/', '__')}-seed{seed}.json", overrides, partial(run, arm, overrides, seed)))
+            write_page()
     print(path.read_text())
     return path
 

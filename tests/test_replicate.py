@@ -32,6 +32,17 @@ def test_a_claim_is_held_only_against_every_arm_it_names() -> None:
     assert replicate.verdict(claim, {"a": high[:2], "b": low[:2], "c": low[:2]}, 0.05)[0] == "inconclusive"
 
 
+def test_a_claim_on_an_arm_not_yet_run_is_not_run() -> None:
+    # A replication stopped after its first runs: zppo is planned but has none yet.
+    runs = [{"name": "grpo", "end": {"greedy/all": 0.6}}, {"name": "grpo", "end": {"greedy/all": 0.7}}]
+    alignment = [{"summary": {"teacher": {"correct": {"alignment": 0.4, "questions": 9}, "incorrect": {"alignment": 0.1, "questions": 0}}}}]
+    values = replicate.claim_values(runs, alignment, ["grpo", "zppo"])
+    assert values == {"grpo": [0.6, 0.7], "alignment/teacher/correct": [0.4]}  # a split with no question is left out
+    claim = replicate.Claim("zppo beats grpo", "zppo", ("grpo",))
+    assert replicate.verdict(claim, values, 0.05)[0] == "not run"
+    assert replicate.verdict(replicate.ALIGNMENT_CLAIMS[0], values, 0.05)[0] == "not run"
+
+
 def test_every_arm_and_claim_names_a_shipped_config() -> None:
     configs = Path(__file__).resolve().parents[1] / "configs"
     named = {*replicate.ARMS, *(c.arm for c in replicate.CLAIMS), *(b for c in replicate.CLAIMS for b in c.beats)}
@@ -45,13 +56,18 @@ def test_the_quick_form_writes_the_page_and_the_plots(tmp_path: Path) -> None:
     page = replicate.main(["--quick", f"--out={tmp_path}", f"--logs={tmp_path / 'logs'}"]).read_text()
     for arm in replicate.QUICK_ARMS:
         assert f"| {arm} | 2 |" in page  # two seeds each
-    assert "| ZPPO beats GRPO and distillation | zppo | not run |" in page  # kd, gkd, opd were not run
+    assert "| ZPPO beats GRPO and distillation (GKD and OPD at the same budget) | zppo | not run |" in page  # kd, gkd, opd were not run
     assert "| replay alone is not enough" in page
+    # The alignment diagnostic ran once per seed, and its claims are decided on those runs.
+    assert len(list(tmp_path.glob("replication/alignment-seed*.json"))) == 2
+    for signal in replicate.SIGNALS:
+        assert f"| {signal} | 2 |" in page
+        assert f"| alignment is higher on incorrect rollouts ({signal}) | alignment/{signal}/incorrect | not run |" not in page
     for name in ("accuracy_vs_tokens.png", "accuracy_by_skill.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     # A second call takes the kept runs (a stopped replication goes on where it stopped) ...
     kept = sorted(tmp_path.glob("replication/*-seed*.json"))
-    assert len(kept) == 2 * len(replicate.QUICK_ARMS)
+    assert len(kept) == 2 * (len(replicate.QUICK_ARMS) + 1)
     times = [path.stat().st_mtime_ns for path in kept]
     again = replicate.main(["--quick", f"--out={tmp_path}", f"--logs={tmp_path / 'logs'}"]).read_text()
     assert [path.stat().st_mtime_ns for path in kept] == times

@@ -66,6 +66,32 @@ def test_accuracy_by_skill_draws_a_bar_per_model_and_skill() -> None:
     }
 
 
+def test_skill_grid_labels_each_arm_with_its_accuracy_and_change() -> None:
+    from lit_zpd.figures import skill_grid
+
+    start = {"greedy/b": 0.5, "greedy/all": 0.4, "greedy/a": 0.25}
+    fig = skill_grid(start, {"kd": {"greedy/b": 0.75, "greedy/all": 0.3, "greedy/a": 0.25}})
+    ax = fig.axes[0]
+    assert [label.get_text() for label in ax.get_xticklabels()] == ["b", "a", "all"]
+    assert [label.get_text() for label in ax.get_yticklabels()] == ["start", "kd"]
+    texts = [t.get_text() for t in ax.texts]
+    assert texts == ["0.50", "0.25", "0.40", "0.75", "+0.25", "0.25", "+0.00", "0.30", "-0.10"]
+
+
+def test_accuracy_curves_draw_an_arm_without_student_tokens_across_the_panel() -> None:
+    from lit_zpd.figures import accuracy_curves
+
+    curves = {"grpo": ([0.0, 3e5, 6e5], [0.45, 0.6, 0.65], [0.0, 0.02, 0.03]), "kd": ([0.0, 0.0], [0.45, 0.74], [0.0, 0.01])}
+    fig = accuracy_curves({"methods": curves, "empty": {}})
+    ax = fig.axes[0]
+    (line,) = ax.get_lines()
+    assert list(line.get_xdata()) == [0.0, 3e5, 6e5]
+    (flat,) = [c for c in ax.collections if c.get_label() == "kd (no student tokens)"]
+    assert flat.get_segments()[0].tolist() == [[0.0, 0.74], [6e5, 0.74]]  # at kd's end accuracy, over grpo's tokens
+    assert ax.get_legend_handles_labels()[1] == ["grpo", "kd (no student tokens)"]
+    assert not fig.axes[1].get_lines()
+
+
 def test_forgetting_counts_only_problems_solved_before() -> None:
     def graded(correct: list[float]) -> EvalBatch:
         return results(["a", "a", "b", "c"], correct, ids=["p1", "p2", "p3", "p4"])
