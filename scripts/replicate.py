@@ -1,24 +1,32 @@
-"""The papers' claims, tried on the embedded default: every method, baseline and combination over
-several seeds at one student-token budget, written to a results page with plots.
+"""The papers' claims, tried on the embedded default: every method, baseline, ablation and
+combination over several seeds at one student-token budget, written to a results page with plots.
 
     python scripts/replicate.py                          # the full table: docs/RESULTS.md
     python scripts/replicate.py --quick --out /tmp/rep   # a few steps of three arms (CI)
 
 Every arm runs once per seed (``--seed_everything``) with a ``StudentTokenBudget`` of
 ``--budget`` student rollout tokens added, each config's ``trainer.max_steps`` staying the upper
-bound (arms that never sample the student, such as SFT and KD, end there). The page gives, per arm,
+bound (arms that never sample the student, such as SFT and KD, end there; GKD and OPD also run
+with ``configs/token_budget/uncapped.yaml`` so that they spend the whole budget). The gradient
+alignment diagnostic (``lit-zpd diagnose``) runs once per seed as well. The page gives, per arm,
 the end accuracy per skill and overall as mean ± sample standard deviation over seeds, forgetting,
 the share of the teacher's accuracy retained, the student tokens spent and the wall time (from
-``scripts/run_experiments.py``), then one row per claim: *held* when the claimed arm's end
-greedy accuracy is above every arm it is claimed to beat at the one-sided exact permutation test's
-p <= ``--alpha`` (over the seeds' values: with 3 seeds an arm must beat all 3 of the other's, p =
-0.05), *not held* when one of them is above it at that level, *inconclusive* otherwise. Plots:
-accuracy against student rollout tokens (mean over seeds, band of one standard deviation) and
-accuracy per skill at the start and the end of every arm. Numbers come from the runs the script
-makes: each run's result is written to ``<out>/replication/<arm>-seed<k>.json`` as soon as it ends, and a
-later call with the same settings takes the runs found there instead of repeating them, so a long
-replication stopped part way goes on where it stopped (``--fresh`` runs everything again; a
-result made with other settings is never taken).
+``scripts/run_experiments.py``); per alignment signal, its alignment on correct and incorrect
+rollouts; then one row per claim: *held* when the claimed value (an arm's end greedy accuracy, a
+signal's alignment on incorrect rollouts) is above every value it is claimed to beat at the
+one-sided exact permutation test's p <= ``--alpha`` over the seeds (with 3 seeds all 3 must be
+above all 3 of the other's: p = 0.05), *not held* when one of them is above it at that level,
+*inconclusive* otherwise. Plots: accuracy against student rollout tokens (mean over seeds, band
+of one standard deviation) and every arm's end accuracy per skill with its change from the start.
+
+Numbers come from the runs the script makes. Each run's result is written to
+``<out>/replication/<arm>-seed<k>.json`` as soon as it ends and the page is rewritten after every
+run; a later call with the same settings takes the runs found there instead of repeating them,
+so a long replication stopped part way goes on where it stopped (``--fresh`` runs everything
+again; a result made with other settings is never taken). The diagnostic runs first, then the
+arms one at a time over all seeds, those of the claims first, so a stopped replication has
+decided the claims on the arms it reached. Nothing else should run on the machine meanwhile: the
+page reports wall times.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import yaml
-from run_experiments import run, seed_table
+from run_experiments import mean_sd, run, seed_table
 
 # Arms: a config, or a config and its overlays joined by "+" (as run_experiments takes them).
 BASELINES = ["sft", "kd", "gkd", "opd", "grpo", "opsd"]
@@ -53,6 +61,10 @@ ABLATIONS = [
 ]
 COMBINATIONS = ["zppo+combinations/zppo_paced", "ioa+combinations/ioa_paced", "ioa_zppo", "ioa_zppo+combinations/stacked"]
 ARMS = [*BASELINES, *AT_BUDGET, *METHODS, *ABLATIONS, *COMBINATIONS]
+KINDS = {
+    **dict.fromkeys(BASELINES, "baseline"), **dict.fromkeys(AT_BUDGET, "baseline, whole budget"),
+    **dict.fromkeys(METHODS, "method"), **dict.fromkeys(ABLATIONS, "ablation"), **dict.fromkeys(COMBINATIONS, "combination"),
+}
 QUICK_ARMS = ["grpo", "zppo", "grpo+with_replay/grpo"]
 
 
@@ -120,12 +132,6 @@ def alignment_values(runs: list[dict[str, object]]) -> dict[str, list[float]]:
 def alignment_table(runs: list[dict[str, object]]) -> str:
     """Per signal: alignment on correct and incorrect rollouts, their difference, and the teacher
     advantage, each mean ± sample standard deviation over seeds."""
-    def spread(values: list[float]) -> str:
-        if not values:
-            return ""
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.fmean(values):.3f} ± {sd:.3f}"
-
     def column(signal: str, split: str, key: str) -> list[float]:
         return [r["summary"][signal][split][key] for r in runs if r["summary"][signal][split]["questions"] > 0]
 
@@ -134,8 +140,8 @@ def alignment_table(runs: list[dict[str, object]]) -> str:
         both = [r for r in runs if all(r["summary"][signal][split]["questions"] > 0 for split in ("correct", "incorrect"))]
         gap = [r["summary"][signal]["incorrect"]["alignment"] - r["summary"][signal]["correct"]["alignment"] for r in both]
         rows.append(
-            f"| {signal} | {len(runs)} | {spread(column(signal, 'correct', 'alignment'))} | {spread(column(signal, 'incorrect', 'alignment'))} "
-            f"| {spread(gap)} | {spread(column(signal, 'correct', 'teacher_advantage'))} | {spread(column(signal, 'incorrect', 'teacher_advantage'))} |"
+            f"| {signal} | {len(runs)} | {mean_sd(column(signal, 'correct', 'alignment'))} | {mean_sd(column(signal, 'incorrect', 'alignment'))} "
+            f"| {mean_sd(gap)} | {mean_sd(column(signal, 'correct', 'teacher_advantage'))} | {mean_sd(column(signal, 'incorrect', 'teacher_advantage'))} |"
         )
     return "\n".join(rows)
 
@@ -212,6 +218,50 @@ def plots(results: list[dict[str, object]], arms: list[str], out: Path) -> list[
     return paths
 
 
+def teacher_of(arm: str) -> str | None:
+    """The ``model.teacher`` of ``arm``'s configs (a later overlay's wins)."""
+    teacher = None
+    for part in arm.split("+"):
+        model = yaml.safe_load((ROOT / "configs" / f"{part}.yaml").read_text()).get("model") or {}
+        teacher = model.get("teacher", teacher)
+    return teacher
+
+
+def reference_teacher(results: list[dict[str, object]]) -> float | None:
+    """The embedded teacher's greedy accuracy, as the runs that load it measured it at their start.
+    Every arm's *retained* is over this one number: OPSD's and ATESD's own teacher is the student
+    reading a privileged context, whose accuracy without it is the student's."""
+    values = [r["teacher"]["greedy/all"] for r in results if r["teacher"] and teacher_of(r["name"]) == "embedded:teacher"]
+    return statistics.fmean(values) if values else None
+
+
+def overview_table(results: list[dict[str, object]], arms: list[str]) -> str:
+    """One row per arm that ran: its kind, seeds, end greedy accuracy, forgetting, the share of the
+    embedded teacher's accuracy retained, student rollout tokens and minutes per run (mean ± sample
+    standard deviation over seeds), after a row for the student at the start and the teacher."""
+    rows = [
+        "| arm | kind | seeds | all greedy | forgotten | retained | student rollout tokens | minutes per run |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    teacher = reference_teacher(results)
+    if results:
+        rows.append(f"| student at the start | | | {results[0]['start']['greedy/all']:.3f} | | | | |")
+    if teacher:
+        rows.append(f"| teacher (embedded) | | | {teacher:.3f} | | | | |")
+    for arm in arms:
+        runs = [r for r in results if r["name"] == arm]
+        if not runs:
+            continue
+        tokens = [r["student_tokens"] for r in runs]
+        retained = [r["end"]["greedy/all"] / teacher for r in runs] if teacher else []
+        rows.append(
+            f"| {arm} | {KINDS.get(arm, '')} | {len(runs)} | {mean_sd([r['end']['greedy/all'] for r in runs])} "
+            f"| {mean_sd([r['end']['forgotten/all'] for r in runs])} | {mean_sd(retained)} "
+            f"| {statistics.fmean(tokens):,.0f} | {statistics.fmean(r['minutes'] for r in runs):.1f} |"
+        )
+    return "\n".join(rows)
+
+
 def claim_values(results: list[dict[str, object]], alignment: list[dict[str, object]], arms: list[str]) -> dict[str, list[float]]:
     """What the claims compare: each arm's end greedy accuracy per seed, and each alignment signal
     and split's mean alignment per seed. Only arms with at least one run: a claim on an arm not yet
@@ -237,14 +287,18 @@ def page(results: list[dict[str, object]], alignment: list[dict[str, object]], a
          f"trains from the shipped embedded student with a budget of {budget:,} student rollout tokens (each config's "
          "`trainer.max_steps` the upper bound: arms that sample nothing from the student, SFT and KD, end there)."),
         "",
-        "## Accuracy per arm",
+        "## Overview",
+        "",
+        overview_table(results, arms),
+        "",
+        "## Accuracy per arm and skill",
         "",
         ("Validation split (174 problems) at the end of each run; cells are mean ± sample standard deviation over seeds. "
          "*forgotten*: of the problems the student solved greedily at the start, the share it fails at the end; "
-         "*retained*: the student's greedy accuracy over the teacher's; *minutes*: one run's wall time, start and end "
+         "*retained*: the student's greedy accuracy over the embedded teacher's; *minutes*: one run's wall time, start and end "
          "evaluations included."),
         "",
-        seed_table(results, ()),
+        seed_table(results, (), reference_teacher(results)),
         "",
         f"## The papers' claims (one-sided exact permutation test over seeds, held at p <= {alpha})",
         "",

@@ -88,26 +88,30 @@ def _k(results: list[dict[str, object]]) -> str:
     return str(ks.pop()) if len(ks) == 1 else "k"
 
 
-def seed_table(results: list[dict[str, object]], scalars: tuple[str, ...]) -> str:
-    """Mean and spread over seeds, one row per config."""
+def mean_sd(values: list[float]) -> str:
+    """``mean ± sample standard deviation`` (0 for one value; empty for none)."""
+    if not values:
+        return ""
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.3f} ± {sd:.3f}"
+
+
+def seed_table(results: list[dict[str, object]], scalars: tuple[str, ...], teacher: float | None = None) -> str:
+    """Mean and spread over seeds, one row per config; ``retained`` is over ``teacher`` (a greedy
+    accuracy) when it is given, else over each run's own teacher at the start."""
     skills = [*SKILL_GRAPH, "all"]
     names = list(dict.fromkeys(str(r["name"]) for r in results))
     head = "| config | seeds | minutes | student rollout tokens | " + " | ".join(f"{s} greedy" for s in skills)
     head += f" | all mean@{_k(results)} | forgotten | retained |" + "".join(f" {t} |" for t in scalars)
     rule = "|" + "---|" * (len(skills) + 7 + len(scalars))
     rows = []
-
-    def spread(values: list[float]) -> str:
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.fmean(values):.3f} ± {sd:.3f}"
-
     for name in names:
         runs = [r for r in results if r["name"] == name]
-        cells = [spread([r["end"][f"greedy/{s}"] for r in runs]) for s in skills]
-        cells += [spread([r["end"]["mean_at_k/all"] for r in runs]), spread([r["end"]["forgotten/all"] for r in runs])]
-        retained = [r["end"]["greedy/all"] / r["teacher"]["greedy/all"] for r in runs if r["teacher"]]
-        cells.append(spread(retained) if retained else "")
-        cells += [spread([r["scalars"][t] for r in runs if t in r["scalars"]]) if any(t in r["scalars"] for r in runs) else "" for t in scalars]
+        cells = [mean_sd([r["end"][f"greedy/{s}"] for r in runs]) for s in skills]
+        cells += [mean_sd([r["end"]["mean_at_k/all"] for r in runs]), mean_sd([r["end"]["forgotten/all"] for r in runs])]
+        retained = [r["end"]["greedy/all"] / (teacher or r["teacher"]["greedy/all"]) for r in runs if teacher or r["teacher"]]
+        cells.append(mean_sd(retained) if retained else "")
+        cells += [mean_sd([r["scalars"][t] for r in runs if t in r["scalars"]]) if any(t in r["scalars"] for r in runs) else "" for t in scalars]
         minutes = statistics.fmean(r["minutes"] for r in runs)
         tokens = statistics.fmean(r["student_tokens"] for r in runs)
         rows.append(f"| {name} | {len(runs)} | {minutes:.1f} | {tokens:,.0f} | " + " | ".join(cells) + " |")

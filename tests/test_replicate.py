@@ -43,6 +43,19 @@ def test_a_claim_on_an_arm_not_yet_run_is_not_run() -> None:
     assert replicate.verdict(replicate.ALIGNMENT_CLAIMS[0], values, 0.05)[0] == "not run"
 
 
+def test_retained_is_over_the_embedded_teacher_for_every_arm() -> None:
+    assert replicate.teacher_of("opsd") == "self_initial"
+    assert replicate.teacher_of("gkd+token_budget/uncapped") == "embedded:teacher"  # the overlay sets none
+    runs = [
+        {"name": "gkd", "teacher": {"greedy/all": 0.9}, "end": {"greedy/all": 0.45}},
+        {"name": "opsd", "teacher": {"greedy/all": 0.4}, "end": {"greedy/all": 0.45}},  # the student as its own teacher
+    ]
+    assert replicate.reference_teacher(runs) == 0.9
+    complete = [{**r, "start": {"greedy/all": 0.4}, "student_tokens": 0, "minutes": 1.0, "end": {**r["end"], "forgotten/all": 0.0}} for r in runs]
+    table = replicate.overview_table(complete, ["gkd", "opsd"])
+    assert "| opsd | baseline | 1 | 0.450 ± 0.000 | 0.000 ± 0.000 | 0.500 ± 0.000 |" in table  # 0.45 / 0.9, not / 0.4
+
+
 def test_every_arm_and_claim_names_a_shipped_config() -> None:
     configs = Path(__file__).resolve().parents[1] / "configs"
     named = {*replicate.ARMS, *(c.arm for c in replicate.CLAIMS), *(b for c in replicate.CLAIMS for b in c.beats)}
