@@ -151,7 +151,7 @@ def skill_grid(start: dict[str, float], end: dict[str, dict[str, float]], title:
             ink = "black" if value > 0.55 else "white"
             ax.text(x + 0.3, y + 0.5, f"{value:.2f}", ha="center", va="center", fontsize=7, color=ink)
             if name != "start":
-                delta = value - start[f"greedy/{skill}"]
+                delta = round(value - start[f"greedy/{skill}"], 2) + 0.0  # no "-0.00"
                 shade = "#0a7a0a" if delta > 0.005 else "#b00000" if delta < -0.005 else ink
                 ax.text(x + 0.75, y + 0.5, f"{delta:+.2f}", ha="center", va="center", fontsize=6, color=shade,
                         bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.8})

@@ -23,7 +23,8 @@ Numbers come from the runs the script makes. Each run's result is written to
 ``<out>/replication/<arm>-seed<k>.json`` as soon as it ends and the page is rewritten after every
 run; a later call with the same settings takes the runs found there instead of repeating them,
 so a long replication stopped part way goes on where it stopped (``--fresh`` runs everything
-again; a result made with other settings is never taken). The diagnostic runs first, then the
+again; a result made with other settings is never taken; ``--page_only`` rewrites the page and the
+plots from the kept results and runs nothing). The diagnostic runs first, then the
 arms one at a time over all seeds, those of the claims first, so a stopped replication has
 decided the claims on the arms it reached. Nothing else should run on the machine meanwhile: the
 page reports wall times.
@@ -326,14 +327,16 @@ def page(results: list[dict[str, object]], alignment: list[dict[str, object]], a
     ])
 
 
-def kept(path: Path, settings: list[str], make: Callable[[], dict[str, object]]) -> dict[str, object]:
+def kept(path: Path, settings: list[str], make: Callable[[], dict[str, object]] | None) -> dict[str, object] | None:
     """The result kept at ``path`` when it was made with the same ``settings``, else ``make()``
-    (then kept there)."""
+    (then kept there), or ``None`` without ``make``."""
     if path.is_file():
         held = json.loads(path.read_text())
         if held.get("overrides") == settings:
             print(f"replicate: {path.stem} taken from {path}", file=sys.stderr)
             return held["result"]
+    if make is None:
+        return None
     result = make()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"overrides": settings, "result": result}, indent=1))
@@ -350,6 +353,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--override", action="append", default=[], help="a lit-zpd argument for every run")
     parser.add_argument("--quick", action="store_true", help="three arms, two seeds, a few steps: checks the script")
     parser.add_argument("--no_alignment", action="store_true", help="leave out the gradient alignment diagnostic")
+    parser.add_argument("--page_only", action="store_true", help="rewrite the page and plots from the kept results, running nothing")
     parser.add_argument("--fresh", action="store_true", help="run every arm again, ignoring the results kept under <out>/replication")
     parser.add_argument("--logs", type=Path, default=ROOT / "logs" / "replicate", help="the runs' TensorBoard logs and checkpoints")
     args = parser.parse_args(argv)
@@ -369,7 +373,8 @@ def main(argv: list[str] | None = None) -> Path:
     if args.fresh:
         for path in folder.glob("*-seed*.json"):
             path.unlink()
-    command = "python scripts/replicate.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    # The command that made the runs: --page_only only rewrites their page.
+    command = "python scripts/replicate.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]) if a != "--page_only")
     path = args.out / "RESULTS.md"
     args.out.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, object]] = []
@@ -384,12 +389,17 @@ def main(argv: list[str] | None = None) -> Path:
     # stopped part way has decided the claims on the arms it reached.
     for seed in [] if args.no_alignment else seeds:
         out_dir = args.logs / "diagnose" / f"seed{seed}"
-        alignment.append(kept(folder / f"alignment-seed{seed}.json", diagnose_args, partial(alignment_run, diagnose_args, seed, out_dir)))
-        write_page()
+        made = None if args.page_only else partial(alignment_run, diagnose_args, seed, out_dir)
+        alignment += filter(None, [kept(folder / f"alignment-seed{seed}.json", diagnose_args, made)])
+        if made:
+            write_page()
     for arm in arms:
         for seed in seeds:
-            results.append(kept(folder / f"{arm.replace('/', '__')}-seed{seed}.json", overrides, partial(run, arm, overrides, seed)))
-            write_page()
+            made = None if args.page_only else partial(run, arm, overrides, seed)
+            results += filter(None, [kept(folder / f"{arm.replace('/', '__')}-seed{seed}.json", overrides, made)])
+            if made:
+                write_page()
+    write_page()
     print(path.read_text())
     return path
 

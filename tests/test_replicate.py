@@ -85,6 +85,10 @@ def test_the_quick_form_writes_the_page_and_the_plots(tmp_path: Path) -> None:
     again = replicate.main(["--quick", f"--out={tmp_path}", f"--logs={tmp_path / 'logs'}"]).read_text()
     assert [path.stat().st_mtime_ns for path in kept] == times
     assert again.split("## The papers")[0].split("\n")[3:] == page.split("## The papers")[0].split("\n")[3:]
+    # --page_only runs nothing: an arm without kept runs is left out, its claims not run.
+    only = replicate.main(["--quick", f"--out={tmp_path}", f"--logs={tmp_path / 'logs'}", "--page_only", "--arms", "grpo", "kd"]).read_text()
+    assert sorted(tmp_path.glob("replication/*-seed*.json")) == kept
+    assert "| grpo | 2 |" in only and "| kd |" not in only
     # ... but never one made with other settings.
     replicate.main(["--quick", f"--out={tmp_path}", f"--logs={tmp_path / 'logs'}", "--arms", "grpo", "--seeds", "0", "--budget", "1000"])
     assert (tmp_path / "replication" / "grpo-seed0.json").stat().st_mtime_ns != times[kept.index(tmp_path / "replication" / "grpo-seed0.json")]
