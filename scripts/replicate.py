@@ -83,6 +83,7 @@ CLAIMS = [
     Claim("ZPPO beats GKD and OPD as shipped (150 steps)", "zppo", ("gkd", "opd")),
     Claim("replay alone is not enough: ZPPO beats every baseline with its replay buffer", "zppo",
           ("kd+with_replay/kd", "gkd+with_replay/gkd", "opd+with_replay/opd", "grpo+with_replay/grpo")),
+    Claim("PACED's weighting beats no weighting (same two stages)", "paced", ("paced_ablations/unweighted_two_stage",)),
     Claim("PACED's weighting beats the hard filter (same two stages)", "paced", ("paced_ablations/hard_filter_two_stage",)),
     Claim("PACED's weighting beats the hard filter (forward KL)", "paced_ablations/weighted_fkl", ("paced_ablations/hard_filter_fkl",)),
     Claim("forward-then-reverse KL is PACED's best schedule", "paced", ("paced_ablations/weighted_fkl", "paced_ablations/weighted_rkl")),
