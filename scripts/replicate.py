@@ -325,6 +325,9 @@ def page(results: list[dict[str, object]], alignment: list[dict[str, object]], a
         "",
         "![accuracy per skill at the end of every arm](accuracy_by_skill.png)",
         "",
+        "Where each method's step time goes (sampling, forward passes, loss, optimizer): "
+        "[BENCHMARKS.md](BENCHMARKS.md#where-a-steps-time-goes).",
+        "",
     ])
 
 
