@@ -119,32 +119,28 @@ def alignment_run(args: list[str], seed: int, out_dir: Path) -> dict[str, object
     return {"name": "alignment", "seed": seed, "minutes": (time.time() - start) / 60, "samples": report.samples, "summary": report.summary()}
 
 
-def alignment_values(runs: list[dict[str, object]]) -> dict[str, list[float]]:
-    """``{"alignment/<signal>/<split>": [its mean alignment at each seed]}``; a split a seed's
-    rollouts never reached (no incorrect rollout, say) is left out of that seed."""
+def alignment_values(runs: list[dict[str, object]], key: str = "alignment") -> dict[str, list[float]]:
+    """``{"alignment/<signal>/<split>": [its mean alignment (or ``key``) at each seed]}``; a split
+    a seed's rollouts never reached (no incorrect rollout, say) is left out of that seed."""
     values: dict[str, list[float]] = {}
     for r in runs:
         for signal, splits in r["summary"].items():
             for split, row in splits.items():
                 if row["questions"] > 0:
-                    values.setdefault(f"alignment/{signal}/{split}", []).append(row["alignment"])
+                    values.setdefault(f"alignment/{signal}/{split}", []).append(row[key])
     return values
 
 
 def alignment_table(runs: list[dict[str, object]]) -> str:
     """Per signal: alignment on correct and incorrect rollouts, their difference, and the teacher
     advantage, each mean ± sample standard deviation over seeds."""
-    def column(signal: str, split: str, key: str) -> list[float]:
-        return [r["summary"][signal][split][key] for r in runs if r["summary"][signal][split]["questions"] > 0]
-
+    alignment, advantage = alignment_values(runs), alignment_values(runs, "teacher_advantage")
     rows = ["| signal | seeds | correct rollouts | incorrect rollouts | incorrect − correct | A_T correct | A_T incorrect |", "|---|---|---|---|---|---|---|"]
     for signal in dict.fromkeys(s for r in runs for s in r["summary"]):
-        both = [r for r in runs if all(r["summary"][signal][split]["questions"] > 0 for split in ("correct", "incorrect"))]
-        gap = [r["summary"][signal]["incorrect"]["alignment"] - r["summary"][signal]["correct"]["alignment"] for r in both]
-        rows.append(
-            f"| {signal} | {len(runs)} | {mean_sd(column(signal, 'correct', 'alignment'))} | {mean_sd(column(signal, 'incorrect', 'alignment'))} "
-            f"| {mean_sd(gap)} | {mean_sd(column(signal, 'correct', 'teacher_advantage'))} | {mean_sd(column(signal, 'incorrect', 'teacher_advantage'))} |"
-        )
+        both = alignment_values([r for r in runs if all(r["summary"][signal][split]["questions"] > 0 for split in ("correct", "incorrect"))])
+        gap = [i - c for i, c in zip(both.get(f"alignment/{signal}/incorrect", []), both.get(f"alignment/{signal}/correct", []), strict=True)]  # paired: runs with both splits
+        cells = [mean_sd(values.get(f"alignment/{signal}/{split}", [])) for values in (alignment, advantage) for split in ("correct", "incorrect")]
+        rows.append(f"| {signal} | {len(runs)} | {cells[0]} | {cells[1]} | {mean_sd(gap)} | {cells[2]} | {cells[3]} |")
     return "\n".join(rows)
 
 
@@ -233,19 +229,20 @@ def reference_teacher(results: list[dict[str, object]]) -> float | None:
     """The embedded teacher's greedy accuracy, as the runs that load it measured it at their start.
     Every arm's *retained* is over this one number: OPSD's and ATESD's own teacher is the student
     reading a privileged context, whose accuracy without it is the student's."""
-    values = [r["teacher"]["greedy/all"] for r in results if r["teacher"] and teacher_of(r["name"]) == "embedded:teacher"]
+    embedded = {name for name in {r["name"] for r in results} if teacher_of(name) == "embedded:teacher"}  # each arm's configs read once
+    values = [r["teacher"]["greedy/all"] for r in results if r["teacher"] and r["name"] in embedded]
     return statistics.fmean(values) if values else None
 
 
-def overview_table(results: list[dict[str, object]], arms: list[str]) -> str:
+def overview_table(results: list[dict[str, object]], arms: list[str], teacher: float | None) -> str:
     """One row per arm that ran: its kind, seeds, end greedy accuracy, forgetting, the share of the
     embedded teacher's accuracy retained, student rollout tokens and minutes per run (mean ± sample
-    standard deviation over seeds), after a row for the student at the start and the teacher."""
+    standard deviation over seeds; ``teacher`` is that accuracy), after a row for the student at
+    the start and the teacher."""
     rows = [
         "| arm | kind | seeds | all greedy | forgotten | retained | student rollout tokens | minutes per run |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    teacher = reference_teacher(results)
     if results:
         rows.append(f"| student at the start | | | {results[0]['start']['greedy/all']:.3f} | | | | |")
     if teacher:
@@ -276,6 +273,7 @@ def page(results: list[dict[str, object]], alignment: list[dict[str, object]], a
          command: str, alpha: float, budget: int) -> str:
     minutes = sum(r["minutes"] for r in [*results, *alignment])  # a replication made over several calls: all its runs
     values = claim_values(results, alignment, arms)
+    teacher = reference_teacher(results)
     claims = ["| claim | arm | verdict | evidence (difference of means, permutation p) |", "|---|---|---|---|"]
     for claim in [*CLAIMS, *ALIGNMENT_CLAIMS]:
         held, evidence = verdict(claim, values, alpha)
@@ -291,7 +289,7 @@ def page(results: list[dict[str, object]], alignment: list[dict[str, object]], a
         "",
         "## Overview",
         "",
-        overview_table(results, arms),
+        overview_table(results, arms, teacher),
         "",
         "## Accuracy per arm and skill",
         "",
@@ -300,7 +298,7 @@ def page(results: list[dict[str, object]], alignment: list[dict[str, object]], a
          "*retained*: the student's greedy accuracy over the embedded teacher's; *minutes*: one run's wall time, start and end "
          "evaluations included."),
         "",
-        seed_table(results, (), reference_teacher(results)),
+        seed_table(results, (), teacher),
         "",
         f"## The papers' claims (one-sided exact permutation test over seeds, held at p <= {alpha})",
         "",

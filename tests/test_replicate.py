@@ -52,7 +52,7 @@ def test_retained_is_over_the_embedded_teacher_for_every_arm() -> None:
     ]
     assert replicate.reference_teacher(runs) == 0.9
     complete = [{**r, "start": {"greedy/all": 0.4}, "student_tokens": 0, "minutes": 1.0, "end": {**r["end"], "forgotten/all": 0.0}} for r in runs]
-    table = replicate.overview_table(complete, ["gkd", "opsd"])
+    table = replicate.overview_table(complete, ["gkd", "opsd"], replicate.reference_teacher(complete))
     assert "| opsd | baseline | 1 | 0.450 ± 0.000 | 0.000 ± 0.000 | 0.500 ± 0.000 |" in table  # 0.45 / 0.9, not / 0.4
 
 
